@@ -1,0 +1,174 @@
+"""Typed Python API: each function does exactly what the command of the same name does.
+
+>>> import clawconvert
+>>> result = clawconvert.convert("openclip_dir", "hf_dir", to="hf", verify=True)
+>>> result.verification["max_abs_diff"]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .engine import Plan, plan_conversion
+from .errors import ClawError, VerificationFailed
+from .formats import Checkpoint, Format, SourceOptions, get_format, open_checkpoint
+from .io.atomic import atomic_output_dir
+from .io.dtypes import CLI_DTYPES
+from .io.writers import parse_size
+from .provenance import source_fingerprint, write_manifest
+from .tables import load_table
+
+
+@dataclass
+class ConvertResult:
+    destination: Path
+    source_format: str
+    target_format: str
+    family: str
+    tensors: int
+    bytes: int
+    files: list[str]
+    notes: list[str] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+
+
+def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in CLI_DTYPES:
+        raise ClawError(f"unknown dtype '{name}' (choose from {', '.join(CLI_DTYPES)})")
+    return CLI_DTYPES[name]
+
+
+def _progress(enabled: bool, total_bytes: int, desc: str) -> Callable[[Iterable], Iterable] | None:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return lambda it: tqdm(it, desc=desc, unit="tensor", leave=False, dynamic_ncols=True)
+
+
+def resolve(src: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A local path, or an ``hf-hub:org/name[@rev]`` id downloaded into the HF cache."""
+    text = str(src)
+    if text.startswith("hf-hub:"):
+        from .hub import resolve_source
+        return resolve_source(text)
+    return Path(text), {}
+
+
+def plan_for(ckpt: Checkpoint, target: Format, dtype: torch.dtype | None,
+             ignore_canonical: Iterable[str] = (), target_table: str | None = None) -> tuple[Plan, list]:
+    """Expand both tables for this checkpoint and plan the conversion (headers only)."""
+    family, config = ckpt.family, ckpt.config
+    expected = family.canonical_shapes(config)
+    keys = list(expected)
+    src_table = load_table(family.name, ckpt.format)
+    dst_table = load_table(family.name, target_table or target.name)
+    src_exp = src_table.expand(ckpt.table_params(), keys)
+    dst_exp = dst_table.expand({**family.params(config), **target.table_params(family, config)}, keys)
+    plan = plan_conversion(ckpt.store, src_exp, dst_exp, expected, dtype, ignore_canonical)
+    return plan, [src_table, dst_table]
+
+
+def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None = None,
+            model_name: str | None = None, model_config: str | Path | None = None,
+            dtype: str | torch.dtype | None = "keep", max_shard_size: str | int = "5GB",
+            verify: bool = False, tolerance: float | None = None, overwrite: bool = False,
+            unsafe_pickle: bool = False, progress: bool = False) -> ConvertResult:
+    """Convert a checkpoint to another format (``to``: hf, openclip, big_vision).
+
+    Plans from headers, refuses before writing if anything is unmapped, missing or
+    contradicts the config, streams tensor by tensor into a temporary directory, optionally
+    verifies against both frameworks, then renames into ``dst``.
+    """
+    src_path, hub_info = resolve(src)
+    target = get_format(to)
+    options = SourceOptions(format=src_format, model_name=model_name,
+                            model_config=Path(model_config) if model_config else None, unsafe_pickle=unsafe_pickle)
+    ckpt = open_checkpoint(src_path, options)
+    out_dtype = _dtype(dtype)
+    plan, tables = plan_for(ckpt, target, out_dtype)
+    shard = parse_size(max_shard_size)
+    with atomic_output_dir(dst, overwrite=overwrite, sources=(src_path,)) as tmp:
+        writer = target.writer(tmp, plan.writer_plan, shard)
+        try:
+            n = plan.execute(writer, _progress(progress, plan.total_bytes, f"{ckpt.format} -> {to}"))
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        notes = target.write_side_files(tmp, ckpt.family, ckpt.config, ckpt.extras)
+        figures = None
+        if verify:
+            figures = _verify_pair(ckpt, tmp, to, tolerance, out_dtype)
+        write_manifest(tmp, {
+            "source": {"path": str(src), "format": ckpt.format, "family": ckpt.family.name,
+                       "fingerprint": source_fingerprint(src_path), **hub_info},
+            "target": {"format": to, "family": ckpt.family.name},
+            "tables": [{"name": t.name, "sha256": t.sha256} for t in tables],
+            "dtype": str(dtype if isinstance(dtype, str) else dtype),
+            **({"verify": figures} if figures else {}),
+            **({"license": ckpt.extras.license} if ckpt.extras.license else {}),
+            "notes": notes,
+        })
+        if figures and not figures["passed"]:
+            from .verify import format_figures
+            raise VerificationFailed(format_figures(figures) + "; output not written")
+        dest = Path(dst).absolute()
+    return ConvertResult(dest, ckpt.format, to, ckpt.family.name, n, plan.total_bytes,
+                         [f.name for f in files], notes, figures)
+
+
+def _verify_pair(ckpt: Checkpoint, out_dir: Path, fmt: str, tolerance: float | None,
+                 dtype: torch.dtype | None) -> dict[str, Any]:
+    from .verify import compare, default_tolerance
+    out = get_format(fmt).open(out_dir, SourceOptions(format=fmt))
+    return compare(ckpt, out, tolerance=tolerance if tolerance is not None else default_tolerance(dtype))
+
+
+def verify(a: str | Path, b: str | Path, *, tolerance: float = 1e-4, a_options: SourceOptions | None = None,
+           b_options: SourceOptions | None = None, seed: int = 0) -> dict[str, Any]:
+    """Load both checkpoints in their own frameworks, compare forward passes; returns figures.
+
+    Raises :class:`VerificationFailed` (exit code 1 in the CLI) above ``tolerance``.
+    """
+    from .verify import compare, format_figures
+    ca = open_checkpoint(resolve(a)[0], a_options)
+    cb = open_checkpoint(resolve(b)[0], b_options)
+    if ca.family.name != cb.family.name:
+        raise ClawError(f"cannot compare a {ca.family.name} model with a {cb.family.name} model")
+    figures = compare(ca, cb, tolerance=tolerance, seed=seed)
+    if not figures["passed"]:
+        raise VerificationFailed(format_figures(figures))
+    return figures
+
+
+def inspect(path: str | Path, *, src_format: str | None = None, model_name: str | None = None,
+            model_config: str | Path | None = None, unsafe_pickle: bool = False) -> dict[str, Any]:
+    """Detected format, family, config summary, tensor/parameter counts and dtypes."""
+    src_path, _ = resolve(path)
+    ckpt = open_checkpoint(src_path, SourceOptions(format=src_format, model_name=model_name,
+                                                   model_config=Path(model_config) if model_config else None,
+                                                   unsafe_pickle=unsafe_pickle))
+    infos = ckpt.store.infos()
+    dtypes: dict[str, int] = {}
+    for i in infos.values():
+        name = str(i.dtype).replace("torch.", "")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    cfg = ckpt.config.to_dict()
+    summary = {k: cfg.get(k) for k in ("model_type", "projection_dim") if k in cfg}
+    for tower in ("vision_config", "text_config"):
+        t = cfg.get(tower) or {}
+        summary[tower] = {k: t.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                 "intermediate_size", "hidden_act", "layer_norm_eps", "image_size",
+                                                 "patch_size", "vocab_size", "max_position_embeddings",
+                                                 "eos_token_id", "pad_token_id") if k in t}
+    return {
+        "path": str(src_path), "format": ckpt.format, "family": ckpt.family.name,
+        "tensors": len(infos), "parameters": sum(i.numel for i in infos.values()),
+        "bytes": sum(i.nbytes for i in infos.values()), "dtypes": dtypes, "config": summary,
+    }
+

@@ -1,0 +1,75 @@
+"""``clawconvert convert``: one checkpoint format to another, streamed and optionally verified."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_output_options, add_source_options
+
+ORDER = 10
+
+HELP = "convert a CLIP/SigLIP checkpoint between OpenCLIP, transformers and big_vision"
+DESCRIPTION = """\
+Convert SRC into the format given by --to and write it to the directory DST.
+
+SRC is detected automatically: an OpenCLIP directory (open_clip_config.json +
+open_clip_model.safetensors / open_clip_pytorch_model.bin), a transformers directory
+(config.json + model.safetensors, sharded or not), a big_vision .npz file, or an
+OpenCLIP checkpoint file (.pt/.bin/.safetensors, training checkpoints with optimizer state
+and DDP `module.` prefixes included) together with --model-name or --model-config.
+SRC may also be hf-hub:org/name[@revision].
+
+Nothing is written until the whole conversion has been planned from file headers: every
+source tensor must be mapped, every target tensor produced, every shape must agree with the
+config. The output appears atomically; the source is never modified."""
+
+EPILOG = """\
+examples:
+  clawconvert convert fixtures/openclip_tiny out/hf --to hf --verify
+  clawconvert convert epoch_32.pt out/hf --to hf --model-name ViT-B-32
+  clawconvert convert out/hf out/openclip --to openclip --dtype fp16"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="source checkpoint (directory, file, or hf-hub:org/name)")
+    p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--to", required=True, metavar="FMT", help="target format: hf, openclip or big_vision")
+    add_source_options(p)
+    add_output_options(p)
+    g = p.add_argument_group("verification")
+    g.add_argument("--verify", action="store_true",
+                   help="run source and output in their own frameworks on the same inputs and compare "
+                        "(fails, writing nothing, above the tolerance)")
+    g.add_argument("--tolerance", type=float, default=None,
+                   help="max abs difference allowed by --verify (default 1e-4 in fp32)")
+    _add_push(p)
+    p.set_defaults(func=run)
+
+
+def _add_push(p) -> None:
+    try:
+        from ..hub import add_push_option
+    except ImportError:  # hub support not installed in this build
+        return
+    add_push_option(p)
+
+
+def run(args) -> int:
+    from .. import api
+    result = api.convert(args.src, args.dst, to=args.to, src_format=args.src_format, model_name=args.model_name,
+                         model_config=args.model_config, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                         verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
+                         unsafe_pickle=args.unsafe_pickle, progress=not args.quiet and sys.stderr.isatty())
+    print(f"wrote {result.destination} ({result.target_format}, {result.family}): {result.tensors} tensors, "
+          f"{result.bytes / 1e6:.1f} MB in {', '.join(result.files)}")
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.verification:
+        from ..verify import format_figures
+        print(format_figures(result.verification))
+    if getattr(args, "push_to", None):
+        from ..hub import maybe_push
+        maybe_push(args, result.destination)
+    return 0

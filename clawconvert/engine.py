@@ -1,0 +1,198 @@
+"""Plan a conversion from headers, check it completely, then stream it tensor by tensor.
+
+``plan_conversion`` reads no tensor data.  It matches every source tensor against the
+source table, computes canonical shapes through the ops and compares them with the shapes
+the family's framework model expects (built on the ``meta`` device from the config), then
+derives every target tensor through the target table.  It refuses to go on while any source
+tensor is unconsumed, any expected canonical tensor missing, any shape contradicting the
+config or any target tensor unproducible, and reports *all* such problems at once.
+
+``Plan.execute`` then reads each source tensor once, applies the source ops (load) and the
+target ops (save), casts, and hands each result to the writer.  Canonical tensors are kept
+only until their last consumer has run, so peak memory is a handful of tensors.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from .errors import ClawError
+from .io.dtypes import output_dtype
+from .io.readers import TensorStore
+from .ops import Shape
+from .tables import ExpandedTable, Rule
+
+
+class TensorSink(Protocol):
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+@dataclass
+class TargetTensor:
+    name: str
+    shape: Shape
+    dtype: torch.dtype
+
+
+@dataclass
+class Plan:
+    source: TensorStore
+    src_rules: list[Rule]                 # source rules whose tensors are read
+    dst_rules: list[Rule]                 # target rules that are produced
+    canonical_shapes: dict[str, Shape]
+    canonical_dtypes: dict[str, torch.dtype]
+    targets: list[TargetTensor]
+    dtype: torch.dtype | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def writer_plan(self) -> list[tuple[str, Shape, torch.dtype]]:
+        return [(t.name, t.shape, t.dtype) for t in self.targets]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(torch.empty((), dtype=t.dtype).element_size() * _numel(t.shape) for t in self.targets)
+
+    def execute(self, sink: TensorSink, progress: Callable[[Iterable], Iterable] | None = None) -> int:
+        """Stream every target tensor into ``sink``; returns the number written."""
+        producer = {c: r for r in self.src_rules for c in r.canonical}
+        uses = Counter(c for r in self.dst_rules for c in r.canonical)
+        cache: dict[str, torch.Tensor] = {}
+        out_dtypes = {t.name: t.dtype for t in self.targets}
+        written = 0
+        rules = self.dst_rules if progress is None else progress(self.dst_rules)
+        for rule in rules:
+            for c in rule.canonical:
+                if c not in cache:
+                    src = producer[c]
+                    xs = [self.source.read(k) for k in src.format]
+                    try:
+                        ys = src.chain.load(xs)
+                    except ClawError as e:
+                        raise ClawError(f"{src.origin}: {e}") from e
+                    del xs
+                    for name, y in zip(src.canonical, ys):
+                        if uses[name]:
+                            cache[name] = y
+            try:
+                outs = rule.chain.save([cache[c] for c in rule.canonical])
+            except ClawError as e:
+                raise ClawError(f"{rule.origin}: {e}") from e
+            for name, t in zip(rule.format, outs):
+                sink.write(name, t.to(out_dtypes[name]).contiguous())
+                written += 1
+            del outs
+            for c in rule.canonical:
+                uses[c] -= 1
+                if uses[c] == 0:
+                    cache.pop(c, None)
+        return written
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
+                    expected: dict[str, Shape], dtype: torch.dtype | None = None,
+                    ignore_canonical: Iterable[str] = ()) -> Plan:
+    """Check coverage and shapes from headers only; raise one ClawError listing every problem.
+
+    ``expected`` maps each canonical key the target needs to its shape (from the family's
+    framework model); ``ignore_canonical`` names canonical keys the caller deliberately
+    leaves out (tower extraction keeps one tower).
+    """
+    problems: list[str] = []
+    ignore = set(ignore_canonical)
+    keys = set(source.keys())
+
+    # 1. every source tensor is mapped or explicitly dropped
+    for k in source.keys():
+        if k not in src.by_format and not src.dropped(k):
+            problems.append(f"unconsumed source tensor '{k}' {source.info(k).shape}: no entry in {src.table.name}")
+
+    # 2. source rules: present, optional-and-absent, or missing
+    src_rules: list[Rule] = []
+    for rule in src.rules:
+        present = [k in keys for k in rule.format]
+        if all(present):
+            src_rules.append(rule)
+        elif not any(present) and rule.optional:
+            continue
+        elif not all(c in ignore for c in rule.canonical):
+            missing = [k for k, p in zip(rule.format, present) if not p]
+            problems.append(f"missing source tensor {', '.join(repr(m) for m in missing)} (for {', '.join(rule.canonical)})")
+
+    # 3. canonical shapes from headers, checked against the framework's expectation
+    canonical_shapes: dict[str, Shape] = {}
+    canonical_dtypes: dict[str, torch.dtype] = {}
+    for rule in src_rules:
+        shapes = [source.info(k).shape for k in rule.format]
+        try:
+            out = rule.chain.load_shapes(shapes)
+        except ClawError as e:
+            problems.append(f"{rule.origin}: source {', '.join(rule.format)} {shapes}: {e}")
+            continue
+        except RuntimeError as e:
+            problems.append(f"{rule.origin}: source {', '.join(rule.format)} has shapes {shapes} that the table's ops cannot take ({str(e).splitlines()[0]})")
+            continue
+        for name, shape in zip(rule.canonical, out):
+            canonical_shapes[name] = shape
+            canonical_dtypes[name] = source.info(rule.format[0]).dtype
+    for name, shape in canonical_shapes.items():
+        if name in ignore:
+            continue
+        if name not in expected:
+            problems.append(f"'{name}' is produced by {src.by_canonical[name].origin} but the model config has no such tensor")
+        elif tuple(expected[name]) != tuple(shape):
+            origin = src.by_canonical[name]
+            problems.append(f"shape contradicts the config: {', '.join(origin.format)} gives '{name}' {shape}, "
+                            f"the config expects {tuple(expected[name])}")
+    for name in expected:
+        if name not in canonical_shapes and name not in ignore:
+            rule = src.by_canonical.get(name)
+            where = f" (source table maps it from {', '.join(repr(f) for f in rule.format)})" if rule else \
+                f" (no entry for it in {src.table.name})"
+            if rule is None or not rule.optional:
+                problems.append(f"missing tensor '{name}'{where}")
+
+    # 4. target rules: every canonical input available
+    dst_rules: list[Rule] = []
+    targets: list[TargetTensor] = []
+    used: set[str] = set()
+    for rule in dst.rules:
+        if all(c in ignore for c in rule.canonical):
+            continue
+        have = [c in canonical_shapes for c in rule.canonical]
+        if not all(have):
+            if rule.optional and not any(have):
+                continue
+            lacking = [c for c, h in zip(rule.canonical, have) if not h]
+            if not any(f"'{c}'" in p for p in problems for c in lacking):
+                problems.append(f"cannot produce target {', '.join(rule.format)}: no source for {', '.join(lacking)}")
+            continue
+        try:
+            shapes = rule.chain.save_shapes([canonical_shapes[c] for c in rule.canonical])
+        except (ClawError, RuntimeError) as e:
+            problems.append(f"{rule.origin}: cannot produce {', '.join(rule.format)}: {str(e).splitlines()[0]}")
+            continue
+        used.update(rule.canonical)
+        dst_rules.append(rule)
+        for name, shape in zip(rule.format, shapes):
+            targets.append(TargetTensor(name, tuple(shape), output_dtype(canonical_dtypes[rule.canonical[0]], dtype)))
+
+    # 5. nothing canonical may be silently lost on the way out
+    for name in canonical_shapes:
+        if name not in used and name not in ignore:
+            problems.append(f"'{name}' has no place in the target format ({dst.table.name}): converting would lose it")
+
+    if problems:
+        raise ClawError(f"cannot convert {source.path}: {len(problems)} problem{'s' if len(problems) > 1 else ''} "
+                        f"(first: {problems[0]})", details=problems)
+    return Plan(source, src_rules, dst_rules, canonical_shapes, canonical_dtypes, targets, dtype)

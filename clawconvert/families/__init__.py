@@ -1,0 +1,128 @@
+"""Model families: the canonical key space, config translation and framework hooks.
+
+Each module in this package defines one :class:`Family` instance named ``FAMILY``; they are
+found by discovery (:func:`all_families`), so adding a family is adding a module plus its
+tables in ``mappings/<family>/``, with no edits elsewhere.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ClawError
+from ..ops import Shape
+
+
+@dataclass
+class Extras:
+    """What travels beside the weights: preprocessing, tokenizer, license, provenance."""
+
+    preprocess: dict[str, Any] = field(default_factory=dict)   # open_clip-style preprocess_cfg
+    tokenizer_dir: Path | None = None       # a directory holding HF tokenizer files to copy
+    tokenizer_note: str | None = None       # why no tokenizer can be written, if so
+    license: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FormatCodec:
+    """How one family's config reads from and writes to one format.
+
+    ``read`` turns the format's own config (whatever the format module found: a dict, a
+    tensor store for shape inference) into the canonical transformers config; ``write``
+    turns a canonical config back into the format's config (or raises ClawError naming the
+    option that cannot be represented).
+    """
+
+    read: Callable[..., Any]
+    write: Callable[..., Any]
+    claims: Callable[..., bool] = lambda *a, **k: False
+
+
+class Family:
+    """Base class; subclasses describe one family (``clip``, ``siglip``, ...)."""
+
+    name: str = ""
+    hf_model_types: tuple[str, ...] = ()     # config.json model_type values owned
+    towers: dict[str, tuple[str, ...]] = {}  # tower -> canonical key prefixes
+
+    def __init__(self) -> None:
+        self.codecs: dict[str, FormatCodec] = {}
+
+    # -- canonical config --------------------------------------------------------------
+    def config_from_dict(self, data: dict) -> Any:
+        raise NotImplementedError
+
+    def hf_model_class(self, config: Any) -> type:
+        raise NotImplementedError
+
+    def params(self, config: Any) -> dict[str, Any]:
+        """Counts and strings the tables' placeholders and op sizes refer to."""
+        raise NotImplementedError
+
+    def canonical_shapes(self, config: Any) -> dict[str, Shape]:
+        """Every canonical tensor and its shape, from the transformers model on ``meta``."""
+        return _meta_shapes(self.hf_model_class(config), json.dumps(config.to_dict(), sort_keys=True, default=str),
+                            type(config))
+
+    def codec(self, fmt: str) -> FormatCodec:
+        if fmt not in self.codecs:
+            raise ClawError(f"the {self.name} family has no {fmt} form (it has: {', '.join(self.codecs)})")
+        return self.codecs[fmt]
+
+    def write_hf_extras(self, out_dir: Path, config: Any, extras: Extras) -> list[str]:
+        """Write preprocessor/tokenizer files beside HF weights; return notes for the user."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+@lru_cache(maxsize=32)
+def _meta_shapes(model_cls: type, config_json: str, config_cls: type) -> dict[str, Shape]:
+    config = config_cls.from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        model = model_cls(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@lru_cache(maxsize=None)
+def all_families() -> dict[str, Family]:
+    found: dict[str, Family] = {}
+    for mod in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{mod.name}")
+        fam = getattr(module, "FAMILY", None)
+        if isinstance(fam, Family):
+            found[fam.name] = fam
+    return found
+
+
+def get_family(name: str) -> Family:
+    fams = all_families()
+    if name not in fams:
+        raise ClawError(f"unknown model family '{name}' (known: {', '.join(sorted(fams))})")
+    return fams[name]
+
+
+def family_for_hf_model_type(model_type: str) -> Family:
+    for fam in all_families().values():
+        if model_type in fam.hf_model_types:
+            return fam
+    known = sorted(t for f in all_families().values() for t in f.hf_model_types)
+    raise ClawError(f"unsupported transformers model_type '{model_type}' (supported: {', '.join(known)})")
+
+
+def family_claiming(fmt: str, *args: Any) -> Family | None:
+    """The family whose ``fmt`` codec claims a format-specific config (e.g. an OpenCLIP model_cfg)."""
+    for fam in all_families().values():
+        codec = fam.codecs.get(fmt)
+        if codec is not None and codec.claims(*args):
+            return fam
+    return None

@@ -1,0 +1,312 @@
+"""CLIP ViT family: canonical keys are transformers ``CLIPModel``'s; tables in ``mappings/clip/``.
+
+Config translation OpenCLIP ``model_cfg`` <-> ``CLIPConfig`` is exact:
+
+====================================  ======================================================
+OpenCLIP                              CLIPConfig
+====================================  ======================================================
+``embed_dim``                         ``projection_dim``
+``quick_gelu``                        ``hidden_act`` ``quick_gelu`` (else exact ``gelu``)
+``vision_cfg.width / head_width``     ``vision_config.num_attention_heads``
+``int(width * mlp_ratio)``            ``intermediate_size`` (bigG: 1664 * 4.9231 -> 8192)
+``norm_kwargs.eps`` (default 1e-5)    ``layer_norm_eps``
+``image_size``, ``patch_size``        ``image_size``, ``patch_size``
+``text_cfg.context_length``           ``text_config.max_position_embeddings``
+``text_cfg.pool_type`` argmax         ``eos_token_id`` = 49407 on the CLIP BPE vocabulary
+                                      (EOT is the largest id, so first-EOT == argmax);
+                                      2 (transformers' legacy argmax pooling) otherwise
+``text_cfg.pool_type`` eos, eos_id    ``eos_token_id`` = eos_id (eos_id 2 is refused: HF
+                                      reads 2 as legacy argmax pooling)
+pad 0 (open_clip's tokenizer)         ``pad_token_id`` 0 (token ``!``)
+====================================  ======================================================
+
+Options transformers' CLIP cannot express are refused before anything is written, with
+the option named (:data:`BLOCKERS`).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClawError
+from . import Extras, Family, FormatCodec
+
+CLIP_BPE_VOCAB = 49408
+CLIP_EOT = 49407
+CLIP_BOS = 49406
+OPENCLIP_LN_EPS = 1e-5
+
+# (tower, option, is_blocking(value), why) -- each row names a config option that has no
+# lossless transformers CLIPModel equivalent.
+BLOCKERS: list[tuple[str, str, Any, str]] = [
+    ("vision_cfg", "layers", lambda v: not isinstance(v, int), "a ModifiedResNet (RN50...) image tower"),
+    ("vision_cfg", "timm_model_name", bool, "a timm image tower (only SigLIP trunks convert, as the siglip family)"),
+    ("vision_cfg", "ls_init_value", lambda v: v is not None, "LayerScale in the image tower"),
+    ("vision_cfg", "attentional_pool", bool, "an attentional pooler in the image tower"),
+    ("vision_cfg", "no_ln_pre", bool, "no pre-LayerNorm in the image tower (CLIPA)"),
+    ("vision_cfg", "pool_type", lambda v: v not in (None, "tok"), "image pooling other than the class token"),
+    ("vision_cfg", "final_ln_after_pool", bool, "LayerNorm after pooling in the image tower"),
+    ("vision_cfg", "pos_embed_type", lambda v: v not in (None, "learnable"), "non-learnable image position embeddings"),
+    ("vision_cfg", "act_kwargs", bool, "custom activation arguments in the image tower"),
+    ("vision_cfg", "block_type", lambda v: v not in (None, "default"), "custom attention blocks in the image tower"),
+    ("vision_cfg", "qk_norm", bool, "q/k normalisation in the image tower"),
+    ("vision_cfg", "scaled_cosine_attn", bool, "scaled cosine attention in the image tower"),
+    ("vision_cfg", "scale_heads", bool, "per-head attention scales in the image tower"),
+    ("vision_cfg", "scale_attn_inner", bool, "inner attention LayerNorm in the image tower"),
+    ("vision_cfg", "scale_attn", bool, "post-attention LayerNorm in the image tower"),
+    ("vision_cfg", "scale_fc", bool, "MLP LayerNorm in the image tower"),
+    ("vision_cfg", "input_patchnorm", bool, "patch normalisation before the image patch embedding"),
+    ("text_cfg", "hf_model_name", bool, "a Hugging Face text encoder tower (hf-text)"),
+    ("text_cfg", "ls_init_value", lambda v: v is not None, "LayerScale in the text tower"),
+    ("text_cfg", "embed_cls", bool, "a CLS token in the text tower (CoCa)"),
+    ("text_cfg", "no_causal_mask", bool, "a text tower without causal mask (CLIPA)"),
+    ("text_cfg", "use_pad_mask", bool, "a padding mask in the text tower"),
+    ("text_cfg", "pool_type", lambda v: v not in (None, "argmax", "eos"), "text pooling other than argmax/eos"),
+    ("text_cfg", "final_ln_after_pool", bool, "LayerNorm after pooling in the text tower"),
+    ("text_cfg", "proj_type", lambda v: v not in (None, "linear"), "a text projection other than linear"),
+    ("text_cfg", "proj_bias", bool, "a bias on the text projection"),
+    ("text_cfg", "act_kwargs", bool, "custom activation arguments in the text tower"),
+    ("text_cfg", "block_type", lambda v: v not in (None, "default"), "custom attention blocks in the text tower"),
+    ("text_cfg", "qk_norm", bool, "q/k normalisation in the text tower"),
+    ("text_cfg", "scaled_cosine_attn", bool, "scaled cosine attention in the text tower"),
+    ("text_cfg", "scale_heads", bool, "per-head attention scales in the text tower"),
+    ("text_cfg", "scale_attn_inner", bool, "inner attention LayerNorm in the text tower"),
+    ("text_cfg", "scale_attn", bool, "post-attention LayerNorm in the text tower"),
+    ("text_cfg", "scale_fc", bool, "MLP LayerNorm in the text tower"),
+    ("", "multimodal_cfg", bool, "a multimodal text decoder (CoCa)"),
+    ("", "init_logit_bias", lambda v: v is not None, "a logit bias (SigLIP-style loss); CLIPModel has none"),
+]
+
+
+def _check_representable(cfg: dict) -> None:
+    for tower, option, blocks, why in BLOCKERS:
+        part = cfg.get(tower, {}) if tower else cfg
+        if option in part and blocks(part[option]):
+            where = f"{tower}.{option}" if tower else option
+            raise ClawError(f"not representable as transformers CLIPModel because {where}={part[option]!r}: {why}")
+    for tower in ("vision_cfg", "text_cfg"):
+        nk = cfg.get(tower, {}).get("norm_kwargs") or {}
+        if set(nk) - {"eps"}:
+            raise ClawError(f"not representable as transformers CLIPModel because {tower}.norm_kwargs={nk!r}")
+    img = cfg["vision_cfg"].get("image_size", 224)
+    if isinstance(img, (list, tuple)) and len(set(img)) != 1:
+        raise ClawError(f"not representable as transformers CLIPModel because vision_cfg.image_size={img!r} is not square")
+    patch = cfg["vision_cfg"].get("patch_size", 16)
+    if isinstance(patch, (list, tuple)) and len(set(patch)) != 1:
+        raise ClawError(f"not representable as transformers CLIPModel because vision_cfg.patch_size={patch!r} is not square")
+
+
+def _first(v: Any) -> int:
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def _eps(tower_cfg: dict) -> float:
+    return float((tower_cfg.get("norm_kwargs") or {}).get("eps", OPENCLIP_LN_EPS))
+
+
+def openclip_to_config(model_cfg: dict):
+    """OpenCLIP ``model_cfg`` -> ``CLIPConfig`` (raises ClawError when not representable)."""
+    from transformers import CLIPConfig
+
+    _check_representable(model_cfg)
+    v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    vw = int(v.get("width", 768))
+    v_heads, rem = divmod(vw, int(v.get("head_width", 64)))
+    if rem:
+        raise ClawError(f"vision_cfg.width={vw} is not a multiple of head_width={v.get('head_width', 64)}")
+    tw = int(t.get("width", 512))
+    vocab = int(t.get("vocab_size", CLIP_BPE_VOCAB))
+    pool = t.get("pool_type", "argmax")
+    if pool == "eos":
+        eos = int(t.get("eos_id", 2))
+        if eos == 2:
+            raise ClawError("not representable as transformers CLIPModel because text_cfg.pool_type='eos' with eos_id=2: "
+                            "transformers treats eos_token_id 2 as legacy argmax pooling")
+    else:  # argmax over token ids
+        eos = CLIP_EOT if vocab == CLIP_BPE_VOCAB and not t.get("hf_tokenizer_name") else 2
+    E = int(model_cfg["embed_dim"])
+    vision = dict(hidden_size=vw, intermediate_size=int(vw * float(v.get("mlp_ratio", 4.0))),
+                  num_hidden_layers=int(v.get("layers", 12)), num_attention_heads=v_heads,
+                  image_size=_first(v.get("image_size", 224)), patch_size=_first(v.get("patch_size", 16)),
+                  hidden_act=act, layer_norm_eps=_eps(v), projection_dim=E, num_channels=3)
+    text = dict(vocab_size=vocab, hidden_size=tw, intermediate_size=int(tw * float(t.get("mlp_ratio", 4.0))),
+                num_hidden_layers=int(t.get("layers", 12)), num_attention_heads=int(t.get("heads", 8)),
+                max_position_embeddings=int(t.get("context_length", 77)), hidden_act=act,
+                layer_norm_eps=_eps(t), projection_dim=E, pad_token_id=int(t.get("pad_id", 0)),
+                bos_token_id=CLIP_BOS if vocab == CLIP_BPE_VOCAB else 0, eos_token_id=eos)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=E)
+
+
+def _mlp_ratio(width: int, intermediate: int) -> float:
+    """A float ratio that open_clip's ``int(width * mlp_ratio)`` turns back into ``intermediate``."""
+    ratio = intermediate / width
+    for _ in range(4):
+        if int(width * ratio) == intermediate:
+            return ratio
+        ratio = math.nextafter(ratio, math.inf)
+    raise ClawError(f"intermediate_size {intermediate} cannot be written as int({width} * mlp_ratio)")
+
+
+def config_to_openclip(config) -> dict:
+    """``CLIPConfig`` -> OpenCLIP ``model_cfg`` (raises ClawError when not representable)."""
+    v, t = config.vision_config, config.text_config
+    if v.hidden_act != t.hidden_act or v.hidden_act not in ("gelu", "quick_gelu"):
+        raise ClawError(f"not representable in OpenCLIP because hidden_act is {v.hidden_act!r} (vision) / "
+                        f"{t.hidden_act!r} (text): open_clip uses one of gelu / quick_gelu for both towers")
+    if v.hidden_size % v.num_attention_heads:
+        raise ClawError("vision hidden_size is not a multiple of num_attention_heads")
+    vision: dict[str, Any] = dict(image_size=v.image_size, layers=v.num_hidden_layers, width=v.hidden_size,
+                                  head_width=v.hidden_size // v.num_attention_heads,
+                                  mlp_ratio=_mlp_ratio(v.hidden_size, v.intermediate_size), patch_size=v.patch_size)
+    text: dict[str, Any] = dict(context_length=t.max_position_embeddings, vocab_size=t.vocab_size,
+                                width=t.hidden_size, heads=t.num_attention_heads, layers=t.num_hidden_layers,
+                                mlp_ratio=_mlp_ratio(t.hidden_size, t.intermediate_size))
+    if getattr(t, "pad_token_id", 0) not in (None, 0):
+        text["pad_id"] = int(t.pad_token_id)
+    eos = t.eos_token_id
+    if not (eos == 2 or (eos == CLIP_EOT and t.vocab_size == CLIP_BPE_VOCAB)):
+        text.update(pool_type="eos", eos_id=int(eos))
+    for part, cfg in ((vision, v), (text, t)):
+        if not math.isclose(cfg.layer_norm_eps, OPENCLIP_LN_EPS, rel_tol=0, abs_tol=1e-12):
+            part["norm_kwargs"] = {"eps": cfg.layer_norm_eps}
+    out = {"embed_dim": config.projection_dim, "vision_cfg": vision, "text_cfg": text}
+    if v.hidden_act == "quick_gelu":
+        out["quick_gelu"] = True
+    return out
+
+
+def claims_openclip(model_cfg: dict) -> bool:
+    """CLIP claims every OpenCLIP config that is not a SigLIP (timm SigLIP trunk / logit bias)."""
+    v = model_cfg.get("vision_cfg", {})
+    return "siglip" not in str(v.get("timm_model_name") or "").lower() and model_cfg.get("init_logit_bias") is None
+
+
+# ------------------------------------------------------------------------------------
+# HF side files: preprocessor_config.json and the CLIP BPE tokenizer, built offline
+# ------------------------------------------------------------------------------------
+_INTERPOLATION = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}
+
+
+def write_preprocessor(out_dir: Path, image_size: int, preprocess: dict) -> list[str]:
+    from transformers import CLIPImageProcessor
+
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    notes = []
+    mode = preprocess.get("resize_mode", "shortest")
+    if mode == "longest":
+        notes.append("open_clip resize_mode 'longest' (pad to square) has no CLIPImageProcessor equivalent; "
+                     "wrote shortest-edge resize + center crop")
+    interp = preprocess.get("interpolation", "bicubic")
+    squash = mode == "squash"
+    proc = CLIPImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size} if squash else {"shortest_edge": image_size},
+        resample=_INTERPOLATION.get(interp, 3), do_center_crop=not squash,
+        crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(preprocess.get("mean", OPENAI_DATASET_MEAN)),
+        image_std=list(preprocess.get("std", OPENAI_DATASET_STD)), do_convert_rgb=True)
+    proc.save_pretrained(str(out_dir))
+    return notes
+
+
+def clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
+    """vocab.json + merges.txt from open_clip's shipped BPE file, the way its tokenizer builds them."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    pairs = [tuple(m.split()) for m in merges]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(p) for p in pairs] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n")
+    return vocab_file, merges_file
+
+
+def write_clip_tokenizer(out_dir: Path, context_length: int) -> None:
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = clip_bpe_files(out_dir)
+    tok = CLIPTokenizer(vocab_file=str(vocab_file), merges_file=str(merges_file), pad_token="!",
+                        model_max_length=context_length)
+    tok.save_pretrained(str(out_dir))
+
+
+def read_hf_preprocess(src_dir: Path) -> dict:
+    """HF ``preprocessor_config.json`` -> open_clip-style ``preprocess_cfg``."""
+    path = Path(src_dir) / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        p = json.loads(path.read_text())
+    except ValueError as e:
+        raise ClawError(f"{path}: invalid JSON ({e})") from e
+    inv = {v: k for k, v in _INTERPOLATION.items()}
+    out: dict[str, Any] = {}
+    if "image_mean" in p:
+        out["mean"] = tuple(p["image_mean"])
+    if "image_std" in p:
+        out["std"] = tuple(p["image_std"])
+    if "resample" in p:
+        out["interpolation"] = inv.get(p["resample"], "bicubic")
+    size = p.get("size") or {}
+    if isinstance(size, dict) and "height" in size and not p.get("do_center_crop", True):
+        out["resize_mode"] = "squash"
+    else:
+        out["resize_mode"] = "shortest"
+    return out
+
+
+class ClipFamily(Family):
+    name = "clip"
+    hf_model_types = ("clip",)
+    towers = {"visual": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codecs["openclip"] = FormatCodec(read=openclip_to_config, write=config_to_openclip, claims=claims_openclip)
+
+    def config_from_dict(self, data: dict):
+        from transformers import CLIPConfig
+        return CLIPConfig.from_dict(data)
+
+    def hf_model_class(self, config):
+        from transformers import CLIPModel
+        return CLIPModel
+
+    def params(self, config) -> dict[str, Any]:
+        return {"vision_layers": config.vision_config.num_hidden_layers,
+                "text_layers": config.text_config.num_hidden_layers,
+                "text_prefix": "",
+                "D": config.vision_config.hidden_size, "T": config.text_config.hidden_size}
+
+    def write_hf_extras(self, out_dir: Path, config, extras: Extras) -> list[str]:
+        notes = write_preprocessor(out_dir, config.vision_config.image_size, extras.preprocess)
+        if extras.tokenizer_dir is not None:
+            notes += copy_tokenizer(extras.tokenizer_dir, out_dir)
+        elif config.text_config.vocab_size == CLIP_BPE_VOCAB and extras.tokenizer_note is None:
+            write_clip_tokenizer(out_dir, config.text_config.max_position_embeddings)
+        else:
+            notes.append(extras.tokenizer_note or "no tokenizer files written: the text vocabulary is not CLIP's BPE")
+        return notes
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "spiece.model", "tokenizer.model", "added_tokens.json")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    import shutil
+    copied = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    for n in copied:
+        shutil.copyfile(Path(src) / n, dst / n)
+    return [] if copied else [f"no tokenizer files found in {src}"]
+
+
+FAMILY = ClipFamily()

@@ -1,0 +1,111 @@
+"""Checkpoint formats: file layout, detection, and writing a converted model.
+
+Each module here defines ``FORMAT``, a :class:`Format`; they are found by discovery.  A
+format knows which files make up a model in its layout and how to detect one; what the
+config *means* is the family's job (:mod:`clawconvert.families`).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClawError
+from ..families import Extras, Family
+from ..io.readers import TensorStore
+
+
+@dataclass
+class SourceOptions:
+    """Everything a user can say about a source besides its path."""
+
+    format: str | None = None            # --from
+    model_name: str | None = None        # --model-name (OpenCLIP built-in config)
+    model_config: Path | None = None     # --model-config (OpenCLIP model config JSON)
+    unsafe_pickle: bool = False
+
+
+@dataclass
+class Checkpoint:
+    """An opened source: its tensors (lazy), family, canonical config and side files."""
+
+    path: Path
+    format: str
+    family: Family
+    config: Any                          # the family's transformers config
+    store: TensorStore
+    extras: Extras = field(default_factory=Extras)
+    params: dict[str, Any] = field(default_factory=dict)   # format-specific table params
+
+    def table_params(self) -> dict[str, Any]:
+        return {**self.family.params(self.config), **self.params}
+
+
+class Format:
+    name: str = ""
+    description: str = ""
+    weights_name: str = "model"          # basename of the weights file(s) it writes
+
+    def detect(self, path: Path) -> bool:
+        """True when ``path`` is a model of this format (files or sentinel keys)."""
+        raise NotImplementedError
+
+    def open(self, path: Path, options: SourceOptions) -> Checkpoint:
+        raise NotImplementedError
+
+    def table_params(self, family: Family, config: Any) -> dict[str, Any]:
+        """Extra table params this format needs when it is the target."""
+        return {}
+
+    def write_side_files(self, out_dir: Path, family: Family, config: Any, extras: Extras) -> list[str]:
+        """Write config/preprocessing/tokenizer files; return notes for the user."""
+        raise NotImplementedError
+
+    def writer(self, out_dir: Path, plan: list, max_shard_size: int, metadata: dict | None = None):
+        from ..io.writers import SafetensorsWriter
+        return SafetensorsWriter(out_dir, plan, max_shard_size=max_shard_size, basename=self.weights_name,
+                                 metadata=metadata)
+
+
+@lru_cache(maxsize=None)
+def all_formats() -> dict[str, Format]:
+    found: dict[str, Format] = {}
+    for mod in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{mod.name}")
+        fmt = getattr(module, "FORMAT", None)
+        if isinstance(fmt, Format):
+            found[fmt.name] = fmt
+    return found
+
+
+def get_format(name: str) -> Format:
+    fmts = all_formats()
+    if name not in fmts:
+        raise ClawError(f"unknown format '{name}' (known: {', '.join(sorted(fmts))})")
+    return fmts[name]
+
+
+def detect_format(path: Path) -> Format:
+    path = Path(path)
+    if not path.exists():
+        raise ClawError(f"{path}: no such file or directory")
+    hits = [f for f in all_formats().values() if f.detect(path)]
+    if not hits:
+        raise ClawError(f"{path}: cannot tell its format (known: {', '.join(sorted(all_formats()))}); "
+                        f"pass --from FORMAT")
+    if len(hits) > 1:
+        raise ClawError(f"{path}: looks like several formats ({', '.join(h.name for h in hits)}); pass --from FORMAT")
+    return hits[0]
+
+
+def open_checkpoint(path: str | Path, options: SourceOptions | None = None) -> Checkpoint:
+    """Detect (or take ``--from``) the format of ``path`` and open it lazily."""
+    options = options or SourceOptions()
+    path = Path(path)
+    if not path.exists():
+        raise ClawError(f"{path}: no such file or directory")
+    fmt = get_format(options.format) if options.format else detect_format(path)
+    return fmt.open(path, options)

@@ -1,0 +1,69 @@
+"""Hugging Face transformers layout: ``config.json`` + ``model.safetensors`` (or shards).
+
+Detected by a ``config.json`` whose ``model_type`` a family owns.  Written with the
+family's config class, sharded safetensors with an HF index, and the family's
+preprocessor/tokenizer files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClawError
+from ..families import Extras, Family, family_for_hf_model_type
+from ..io.readers import open_tensors
+from . import Checkpoint, Format, SourceOptions
+
+HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def read_config_json(path: Path) -> dict:
+    cfg = path / "config.json" if path.is_dir() else path
+    if not cfg.is_file():
+        raise ClawError(f"{path}: no config.json")
+    try:
+        data = json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ClawError(f"{cfg}: invalid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ClawError(f"{cfg}: not a JSON object")
+    return data
+
+
+class HFFormat(Format):
+    name = "hf"
+    description = "Hugging Face transformers directory (config.json + safetensors)"
+    weights_name = "model"
+
+    def detect(self, path: Path) -> bool:
+        if not path.is_dir() or not (path / "config.json").is_file():
+            return False
+        try:
+            return "model_type" in json.loads((path / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError):
+            return False
+
+    def open(self, path: Path, options: SourceOptions) -> Checkpoint:
+        if not path.is_dir():
+            raise ClawError(f"{path}: an HF model is a directory with config.json and weights")
+        data = read_config_json(path)
+        family = family_for_hf_model_type(str(data.get("model_type")))
+        try:
+            config = family.config_from_dict(data)
+        except Exception as e:  # transformers raises many kinds on bad configs
+            raise ClawError(f"{path / 'config.json'}: not a valid {data.get('model_type')} config ({e})") from e
+        store = open_tensors(path, unsafe_pickle=options.unsafe_pickle, prefer=HF_WEIGHTS)
+        from ..families.clip import read_hf_preprocess  # shared by every image family
+        extras = Extras(preprocess=read_hf_preprocess(path), license=data.get("license"),
+                        tokenizer_dir=path if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                                  "vocab.json", "spiece.model")) else None)
+        return Checkpoint(path, self.name, family, config, store, extras)
+
+    def write_side_files(self, out_dir: Path, family: Family, config: Any, extras: Extras) -> list[str]:
+        config.architectures = [family.hf_model_class(config).__name__]
+        config.save_pretrained(str(out_dir))
+        return family.write_hf_extras(out_dir, config, extras)
+
+
+FORMAT = HFFormat()

@@ -1,0 +1,125 @@
+"""OpenCLIP layout: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+
+Sources: a hub-style directory (``open_clip_config.json`` with ``model_cfg`` and
+``preprocess_cfg``, weights ``open_clip_model.safetensors`` or
+``open_clip_pytorch_model.bin``), or a bare checkpoint file (``epoch_N.pt`` training
+checkpoints included) with ``--model-name`` (a built-in open_clip config) or
+``--model-config`` (a model config JSON).  Outputs are directories that
+``open_clip.create_model_and_transforms("local-dir:DIR")`` loads.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClawError
+from ..families import Extras, Family, family_claiming
+from ..io.readers import READERS, open_tensors
+from . import Checkpoint, Format, SourceOptions
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# tensor names only an OpenCLIP state dict has (after module. stripping)
+SENTINELS = ("visual.conv1.weight", "visual.class_embedding", "visual.trunk.pos_embed", "visual.proj",
+             "text.token_embedding.weight", "token_embedding.weight", "ln_final.weight")
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ClawError(f"{path}: cannot read ({e.strerror or e})") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ClawError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ClawError(f"{path}: not a JSON object")
+    return data
+
+
+def builtin_model_config(name: str) -> dict:
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ClawError(f"unknown open_clip model name '{name}'{hint}")
+    return cfg
+
+
+def _model_cfg_from(data: dict, where: Path) -> tuple[dict, dict]:
+    model_cfg = data.get("model_cfg", data)
+    if not isinstance(model_cfg, dict) or "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
+        raise ClawError(f"{where}: not an OpenCLIP model config (needs vision_cfg and text_cfg)")
+    return model_cfg, dict(data.get("preprocess_cfg") or {})
+
+
+class OpenClipFormat(Format):
+    name = "openclip"
+    description = "OpenCLIP directory (open_clip_config.json + open_clip_model.safetensors) or checkpoint file"
+    weights_name = "open_clip_model"
+
+    def detect(self, path: Path) -> bool:
+        if path.is_dir():
+            return (path / CONFIG_NAME).is_file()
+        if path.suffix.lower() not in READERS or path.suffix.lower() == ".npz":
+            return False
+        try:
+            with open_tensors(path) as store:
+                return any(k in store for k in SENTINELS)
+        except ClawError:
+            return False
+
+    def open(self, path: Path, options: SourceOptions) -> Checkpoint:
+        if path.is_dir():
+            cfg_path = path / CONFIG_NAME
+            if not cfg_path.is_file():
+                raise ClawError(f"{path}: no {CONFIG_NAME}")
+            model_cfg, preprocess = _model_cfg_from(_read_json(cfg_path), cfg_path)
+            store = open_tensors(path, unsafe_pickle=options.unsafe_pickle, prefer=WEIGHT_NAMES)
+        else:
+            if options.model_config:
+                model_cfg, preprocess = _model_cfg_from(_read_json(Path(options.model_config)), Path(options.model_config))
+            elif options.model_name:
+                model_cfg, preprocess = builtin_model_config(options.model_name), {}
+            else:
+                raise ClawError(f"{path}: an OpenCLIP checkpoint file carries no config; pass --model-name NAME "
+                                f"(a built-in open_clip config such as ViT-B-32) or --model-config FILE")
+            store = open_tensors(path, unsafe_pickle=options.unsafe_pickle)
+        family = family_claiming(self.name, model_cfg)
+        if family is None:
+            raise ClawError(f"{path}: no model family handles this OpenCLIP config "
+                            f"(vision_cfg={json.dumps(model_cfg.get('vision_cfg'))[:120]})")
+        config = family.codec(self.name).read(model_cfg)
+        extras = Extras(preprocess={k: v for k, v in preprocess.items() if k in PREPROCESS_KEYS},
+                        license=model_cfg.get("license"))
+        text_cfg = model_cfg.get("text_cfg", {})
+        if text_cfg.get("hf_tokenizer_name"):
+            extras.tokenizer_note = (f"no tokenizer files written: this model uses the Hub tokenizer "
+                                     f"'{text_cfg['hf_tokenizer_name']}'; copy its files next to the weights")
+        params = {"text_prefix": "text." if model_cfg.get("custom_text") else ""}
+        return Checkpoint(path, self.name, family, config, store, extras, params)
+
+    def table_params(self, family: Family, config: Any) -> dict[str, Any]:
+        model_cfg = family.codec(self.name).write(config)
+        return {"text_prefix": "text." if model_cfg.get("custom_text") else ""}
+
+    def write_side_files(self, out_dir: Path, family: Family, config: Any, extras: Extras) -> list[str]:
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        model_cfg = family.codec(self.name).write(config)
+        preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+                      "interpolation": "bicubic", "resize_mode": "shortest"}
+        preprocess.update({k: list(v) if isinstance(v, tuple) else v for k, v in extras.preprocess.items()})
+        (out_dir / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n")
+        return []
+
+    def writer(self, out_dir: Path, plan: list, max_shard_size: int, metadata: dict | None = None):
+        # open_clip loads one weights file: never shard
+        return super().writer(out_dir, plan, max_shard_size=1 << 62, metadata=metadata)
+
+
+FORMAT = OpenClipFormat()

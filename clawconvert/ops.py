@@ -1,0 +1,303 @@
+"""The closed vocabulary of tensor ops a mapping table may use, each with its inverse.
+
+An op turns a list of *format* tensors into a list of *canonical* tensors (``load``) and
+back (``save``); ``load_shapes`` / ``save_shapes`` do the same for shapes, so a whole
+conversion is planned and checked from file headers before any data is read.  ``save`` is
+the exact inverse of ``load``: ``save(load(x)) == x`` bit for bit (tested for every op).
+
+=========================  =========================================  =====================
+table spelling             load (format -> canonical)                 save (inverse)
+=========================  =========================================  =====================
+``transpose``              swap the two axes of a matrix               transpose
+``permute: [3, 2, 0, 1]``  permute axes                                inverse permutation
+``reshape: {format: S1,    reshape S1 -> S2                            reshape S2 -> S1
+  canonical: S2}``
+``squeeze: D``             drop axis D (of size 1)                     unsqueeze D
+``unsqueeze: D``           add an axis of size 1 at D                  squeeze D
+``split: {dim, sizes}``    1 format tensor -> N canonical tensors      concat
+``concat: {dim, sizes}``   N format tensors -> 1 canonical tensor      split
+=========================  =========================================  =====================
+
+Shapes and sizes may be expressions over the family's named dimensions (``D``,
+``heads * head_dim``), evaluated by :func:`evaluate`.  Several ops in a list compose left to
+right on load and right to left on save.
+"""
+from __future__ import annotations
+
+import ast
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import ClawError
+
+Shape = tuple[int, ...]
+
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv, ast.Div: operator.floordiv,
+}
+
+
+def evaluate(expr: Any, dims: dict[str, int]) -> int:
+    """Evaluate an integer or an arithmetic expression over named dimensions."""
+    if isinstance(expr, bool):
+        raise ClawError(f"size expression {expr!r} is not a number")
+    if isinstance(expr, int):
+        return expr
+    text = str(expr)
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError as e:
+        raise ClawError(f"bad size expression {text!r} in mapping table") from e
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in dims:
+                raise ClawError(f"size expression {text!r} uses unknown dimension '{node.id}'")
+            return int(dims[node.id])
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        raise ClawError(f"size expression {text!r}: only + - * // and names are allowed")
+
+    return ev(tree)
+
+
+def _shape(spec: Sequence[Any], dims: dict[str, int]) -> Shape:
+    return tuple(evaluate(s, dims) for s in spec)
+
+
+class Op:
+    """One invertible step.  Subclasses set ``arity_in`` (format side) and ``arity_out``."""
+
+    name = "op"
+    arity_in = 1   # tensors on the format side
+    arity_out = 1  # tensors on the canonical side
+
+    def load(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def save(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def load_shapes(self, shapes: list[Shape]) -> list[Shape]:
+        return [tuple(t.shape) for t in self.load([torch.empty(s, device="meta") for s in shapes])]
+
+    def save_shapes(self, shapes: list[Shape]) -> list[Shape]:
+        return [tuple(t.shape) for t in self.save([torch.empty(s, device="meta") for s in shapes])]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Permute(Op):
+    name = "permute"
+
+    def __init__(self, perm: Sequence[int]):
+        self.perm = tuple(int(p) for p in perm)
+        if sorted(self.perm) != list(range(len(self.perm))):
+            raise ClawError(f"permute: {list(perm)} is not a permutation")
+        self.inverse = tuple(sorted(range(len(self.perm)), key=lambda i: self.perm[i]))
+
+    def _check(self, t: torch.Tensor) -> None:
+        if t.dim() != len(self.perm):
+            raise ClawError(f"permute {list(self.perm)} needs a {len(self.perm)}-d tensor, got shape {tuple(t.shape)}")
+
+    def load(self, xs):
+        self._check(xs[0])
+        return [xs[0].permute(self.perm)]
+
+    def save(self, ys):
+        self._check(ys[0])
+        return [ys[0].permute(self.inverse)]
+
+
+class Transpose(Permute):
+    name = "transpose"
+
+    def __init__(self, _: Any = None):
+        super().__init__((1, 0))
+
+
+class Reshape(Op):
+    name = "reshape"
+
+    def __init__(self, spec: dict, dims: dict[str, int]):
+        if not isinstance(spec, dict) or set(spec) != {"format", "canonical"}:
+            raise ClawError("reshape needs {format: [...], canonical: [...]} so that it can be inverted")
+        self.format_shape = _shape(spec["format"], dims)
+        self.canonical_shape = _shape(spec["canonical"], dims)
+
+    @staticmethod
+    def _to(t: torch.Tensor, shape: Shape, other: Shape) -> torch.Tensor:
+        if tuple(t.shape) != other:
+            raise ClawError(f"reshape: expected shape {other}, got {tuple(t.shape)}")
+        return t.reshape(shape)
+
+    def load(self, xs):
+        return [self._to(xs[0], self.canonical_shape, self.format_shape)]
+
+    def save(self, ys):
+        return [self._to(ys[0], self.format_shape, self.canonical_shape)]
+
+
+class Squeeze(Op):
+    name = "squeeze"
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+
+    def load(self, xs):
+        if xs[0].dim() <= self.dim or xs[0].shape[self.dim] != 1:
+            raise ClawError(f"squeeze: axis {self.dim} of shape {tuple(xs[0].shape)} is not of size 1")
+        return [xs[0].squeeze(self.dim)]
+
+    def save(self, ys):
+        return [ys[0].unsqueeze(self.dim)]
+
+
+class Unsqueeze(Squeeze):
+    name = "unsqueeze"
+
+    def load(self, xs):
+        return Squeeze.save(self, xs)
+
+    def save(self, ys):
+        return Squeeze.load(self, ys)
+
+
+class Split(Op):
+    """One format tensor holds several canonical ones side by side (``in_proj`` = q, k, v)."""
+
+    name = "split"
+
+    def __init__(self, spec: dict, dims: dict[str, int], parts: int):
+        spec = spec if isinstance(spec, dict) else {"dim": 0 if spec is None else spec}
+        self.dim = int(spec.get("dim", 0))
+        sizes = spec.get("sizes")
+        self.sizes = None if sizes is None else [evaluate(s, dims) for s in sizes]
+        self.parts = parts
+        if self.sizes is not None and len(self.sizes) != parts:
+            raise ClawError(f"split: {len(self.sizes)} sizes for {parts} tensors")
+
+    def _split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        total = t.shape[self.dim] if t.dim() > self.dim else None
+        sizes = self.sizes
+        if sizes is None:
+            if total is None or total % self.parts:
+                raise ClawError(f"split: axis {self.dim} of shape {tuple(t.shape)} does not split into {self.parts} equal parts")
+            sizes = [total // self.parts] * self.parts
+        if total != sum(sizes):
+            raise ClawError(f"split: axis {self.dim} of shape {tuple(t.shape)} is not {' + '.join(map(str, sizes))}")
+        return list(torch.split(t, sizes, dim=self.dim))
+
+    def _concat(self, ts: list[torch.Tensor]) -> torch.Tensor:
+        if self.sizes is not None:
+            got = [t.shape[self.dim] for t in ts]
+            if got != self.sizes:
+                raise ClawError(f"concat: parts have sizes {got} along axis {self.dim}, expected {self.sizes}")
+        return torch.cat(ts, dim=self.dim)
+
+    @property
+    def arity_out(self):  # type: ignore[override]
+        return self.parts
+
+    def load(self, xs):
+        return self._split(xs[0])
+
+    def save(self, ys):
+        return [self._concat(list(ys))]
+
+
+class Concat(Split):
+    """Several format tensors are one canonical tensor (OpenCLIP ``q`` + ``kv`` = HF ``in_proj``)."""
+
+    name = "concat"
+    arity_out = 1  # type: ignore[assignment]
+
+    @property
+    def arity_in(self):  # type: ignore[override]
+        return self.parts
+
+    def load(self, xs):
+        return [self._concat(list(xs))]
+
+    def save(self, ys):
+        return self._split(ys[0])
+
+
+@dataclass
+class Chain:
+    """Ops applied in order on load, in reverse order (each inverted) on save."""
+
+    ops: list[Op]
+
+    def load(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        for op in self.ops:
+            xs = op.load(xs)
+        return xs
+
+    def save(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        for op in reversed(self.ops):
+            ys = op.save(ys)
+        return ys
+
+    def load_shapes(self, shapes: list[Shape]) -> list[Shape]:
+        for op in self.ops:
+            shapes = op.load_shapes(shapes)
+        return shapes
+
+    def save_shapes(self, shapes: list[Shape]) -> list[Shape]:
+        for op in reversed(self.ops):
+            shapes = op.save_shapes(shapes)
+        return shapes
+
+    def __repr__(self) -> str:
+        return " -> ".join(map(repr, self.ops)) or "rename"
+
+
+# table spelling -> constructor(argument, dims, n_format, n_canonical)
+OPS: dict[str, Callable[[Any, dict[str, int], int, int], Op]] = {
+    "transpose": lambda a, d, nf, nc: Transpose(a),
+    "permute": lambda a, d, nf, nc: Permute(a),
+    "reshape": lambda a, d, nf, nc: Reshape(a, d),
+    "squeeze": lambda a, d, nf, nc: Squeeze(a),
+    "unsqueeze": lambda a, d, nf, nc: Unsqueeze(a),
+    "split": lambda a, d, nf, nc: Split(a, d, nc),
+    "concat": lambda a, d, nf, nc: Concat(a, d, nf),
+}
+
+
+def build_chain(spec: Any, dims: dict[str, int], n_format: int, n_canonical: int) -> Chain:
+    """Parse a table's ``op:`` value: a name, ``{name: arg}``, or a list of those."""
+    if spec is None:
+        items: list[Any] = []
+    elif isinstance(spec, list):
+        items = spec
+    else:
+        items = [spec]
+    ops: list[Op] = []
+    for item in items:
+        if isinstance(item, str):
+            name, arg = item, None
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, arg), = item.items()
+        else:
+            raise ClawError(f"cannot read op {item!r}: write a name or {{name: argument}}")
+        if name not in OPS:
+            raise ClawError(f"unknown op '{name}' (known: {', '.join(OPS)})")
+        ops.append(OPS[name](arg, dims, n_format, n_canonical))
+    arity = n_format
+    for op in ops:
+        if op.arity_in != arity:
+            raise ClawError(f"op {op.name} takes {op.arity_in} tensors but gets {arity}")
+        arity = op.arity_out
+    if arity != n_canonical:
+        raise ClawError(f"ops {[o.name for o in ops]} turn {n_format} tensors into {arity}, table names {n_canonical}")
+    return Chain(ops)

@@ -1,0 +1,1 @@
+"""Checkpoint surgery: tower extraction, LoRA merge, LLaVA assembly."""

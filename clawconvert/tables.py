@@ -1,0 +1,221 @@
+"""Mapping tables: YAML data files in ``mappings/<family>/<format>.yaml``.
+
+A table maps one format's tensor names onto the family's *canonical* names (the
+transformers model's own state-dict keys).  The same table is read in both directions:
+format -> canonical when the format is the source, canonical -> format when it is the target.
+
+Schema (validated on load; every problem is reported with the table's name and entry)::
+
+    format: openclip               # the format this table describes
+    family: clip                   # the family whose canonical keys it targets
+    placeholders:                  # named placeholders usable in keys
+      vlayer: {range: vision_layers}   # 0 .. params["vision_layers"] - 1
+      p: [weight, bias]                # a fixed list of values
+      t: {value: text_prefix}          # one string from the family's params
+    identity: false                # true: format keys ARE the canonical keys (HF tables)
+    tensors:                       # canonical key: format key  |  {from, op, optional}
+      logit_scale: logit_scale
+      visual_projection.weight: {from: visual.proj, op: transpose}
+      vision_model.encoder.layers.{vlayer}.self_attn.{q,k,v}_proj.{p}:
+        from: visual.transformer.resblocks.{vlayer}.attn.in_proj_{p}
+        op: split                  # one format tensor -> the three canonical ones
+    drop: [attn_mask]              # format tensors that are not weights (buffers); ignored
+
+``{a,b,c}`` (with commas) in a canonical key lists several canonical tensors, in order;
+``from`` may be a list for several format tensors.  ``optional: true`` entries are mapped
+when present and skipped silently when absent.  Placeholders not listed under
+``placeholders`` are an error, so a typo cannot silently match nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ClawError
+from .ops import Chain, build_chain
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ALTERNATION = re.compile(r"\{([^{}]*,[^{}]*)\}")
+_TOP_KEYS = {"format", "family", "placeholders", "identity", "tensors", "drop", "description"}
+_ENTRY_KEYS = {"from", "op", "optional", "note"}
+
+
+def mappings_root() -> Path:
+    """The installed ``mappings/`` folder (package data ``clawconvert.mappings``)."""
+    return Path(str(resources.files("clawconvert.mappings")))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One expanded table entry: format tensors <-> canonical tensors through ``chain``."""
+
+    canonical: tuple[str, ...]
+    format: tuple[str, ...]
+    chain: Chain
+    optional: bool
+    origin: str  # "table.yaml: <entry key>" for messages
+
+
+@dataclass
+class Table:
+    name: str            # "clip/openclip"
+    format: str
+    family: str
+    sha256: str
+    identity: bool
+    placeholders: dict[str, Any]
+    tensors: dict[str, Any]
+    drop: list[str]
+
+    def expand(self, params: dict[str, Any], canonical_keys: list[str] | None = None) -> "ExpandedTable":
+        """Resolve placeholders against a model's params into concrete rules."""
+        if self.identity:
+            if canonical_keys is None:
+                raise ClawError(f"{self.name}: identity table needs the canonical key list")
+            rules = [Rule((k,), (k,), Chain([]), False, f"{self.name}: identity") for k in canonical_keys]
+            return ExpandedTable(self, rules, self._drop_patterns(params))
+        values = {}
+        for name, spec in self.placeholders.items():
+            values[name] = _placeholder_values(self.name, name, spec, params)
+        rules: list[Rule] = []
+        for key, entry in self.tensors.items():
+            rules.extend(self._expand_entry(key, entry, values, params))
+        return ExpandedTable(self, rules, self._drop_patterns(params))
+
+    def _drop_patterns(self, params: dict[str, Any]) -> list[re.Pattern]:
+        out = []
+        for pat in self.drop:
+            rx = re.escape(pat).replace(r"\*", ".*")
+            rx = re.sub(r"\\\{([A-Za-z_][A-Za-z0-9_]*)\\\}", r"[^.]+", rx)
+            out.append(re.compile(rx + "$"))
+        return out
+
+    def _expand_entry(self, key: str, entry: Any, values: dict[str, list], params: dict) -> list[Rule]:
+        if isinstance(entry, str):
+            entry = {"from": entry}
+        sources = entry["from"] if isinstance(entry["from"], list) else [entry["from"]]
+        used = sorted(set(_PLACEHOLDER.findall(key)) | {n for s in sources for n in _PLACEHOLDER.findall(s)})
+        combos = itertools.product(*(values[n] for n in used))
+        rules = []
+        for combo in combos:
+            env = dict(zip(used, combo))
+            fill = lambda s: _PLACEHOLDER.sub(lambda m: str(env[m.group(1)]), s)  # noqa: E731
+            canonical = tuple(_alternatives(fill(key)))
+            fmt = tuple(fill(s) for s in sources)
+            try:
+                chain = build_chain(entry.get("op"), {**params, **{k: v for k, v in env.items() if isinstance(v, int)}},
+                                    len(fmt), len(canonical))
+            except ClawError as e:
+                raise ClawError(f"{self.name}: entry '{key}': {e}") from e
+            rules.append(Rule(canonical, fmt, chain, bool(entry.get("optional", False)), f"{self.name}: {key}"))
+        return rules
+
+
+def _alternatives(key: str) -> list[str]:
+    m = _ALTERNATION.search(key)
+    if not m:
+        return [key]
+    out = []
+    for alt in m.group(1).split(","):
+        out.extend(_alternatives(key[:m.start()] + alt.strip() + key[m.end():]))
+    return out
+
+
+def _placeholder_values(table: str, name: str, spec: Any, params: dict) -> list:
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict) and set(spec) == {"range"}:
+        n = params.get(spec["range"])
+        if not isinstance(n, int):
+            raise ClawError(f"{table}: placeholder '{name}' ranges over unknown count '{spec['range']}'")
+        return list(range(n))
+    if isinstance(spec, dict) and set(spec) == {"value"}:
+        if spec["value"] not in params:
+            raise ClawError(f"{table}: placeholder '{name}' takes unknown value '{spec['value']}'")
+        return [params[spec["value"]]]
+    raise ClawError(f"{table}: placeholder '{name}': write a list, {{range: COUNT}} or {{value: NAME}}")
+
+
+@dataclass
+class ExpandedTable:
+    table: Table
+    rules: list[Rule]
+    drop: list[re.Pattern] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.by_format: dict[str, Rule] = {}
+        self.by_canonical: dict[str, Rule] = {}
+        for rule in self.rules:
+            for k in rule.format:
+                if k in self.by_format:
+                    raise ClawError(f"{rule.origin}: format tensor '{k}' is also mapped by {self.by_format[k].origin}")
+                self.by_format[k] = rule
+            for k in rule.canonical:
+                if k in self.by_canonical:
+                    raise ClawError(f"{rule.origin}: canonical tensor '{k}' is also mapped by {self.by_canonical[k].origin}")
+                self.by_canonical[k] = rule
+
+    def dropped(self, key: str) -> bool:
+        return any(p.match(key) for p in self.drop)
+
+
+def _validate(name: str, data: Any) -> None:
+    if not isinstance(data, dict):
+        raise ClawError(f"mapping table {name}: not a YAML mapping")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ClawError(f"mapping table {name}: unknown keys {sorted(unknown)}")
+    for req in ("format", "family"):
+        if not isinstance(data.get(req), str):
+            raise ClawError(f"mapping table {name}: '{req}' must be a string")
+    placeholders = data.get("placeholders") or {}
+    if not isinstance(placeholders, dict):
+        raise ClawError(f"mapping table {name}: 'placeholders' must be a mapping")
+    tensors = data.get("tensors") or {}
+    if not isinstance(tensors, dict):
+        raise ClawError(f"mapping table {name}: 'tensors' must be a mapping")
+    if not tensors and not data.get("identity"):
+        raise ClawError(f"mapping table {name}: no tensors and not an identity table")
+    for key, entry in tensors.items():
+        if isinstance(entry, dict):
+            extra = set(entry) - _ENTRY_KEYS
+            if extra or "from" not in entry:
+                raise ClawError(f"mapping table {name}: entry '{key}' needs 'from' and may have op/optional/note (got {sorted(entry)})")
+            srcs = entry["from"] if isinstance(entry["from"], list) else [entry["from"]]
+        elif isinstance(entry, str):
+            srcs = [entry]
+        else:
+            raise ClawError(f"mapping table {name}: entry '{key}' must be a key or a mapping")
+        for n in _PLACEHOLDER.findall(key) + [n for s in srcs for n in _PLACEHOLDER.findall(str(s))]:
+            if n not in placeholders:
+                raise ClawError(f"mapping table {name}: entry '{key}' uses undeclared placeholder '{{{n}}}'")
+    if not isinstance(data.get("drop", []) or [], list):
+        raise ClawError(f"mapping table {name}: 'drop' must be a list")
+
+
+@lru_cache(maxsize=None)
+def load_table(family: str, fmt: str) -> Table:
+    """Load and validate ``mappings/<family>/<fmt>.yaml``."""
+    path = mappings_root() / family / f"{fmt}.yaml"
+    name = f"{family}/{fmt}"
+    if not path.is_file():
+        raise ClawError(f"no mapping table for {fmt} in family {family} ({path} missing)")
+    raw = path.read_bytes()
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ClawError(f"mapping table {name}: invalid YAML ({e})") from e
+    _validate(name, data)
+    if data["format"] != fmt or data["family"] != family:
+        raise ClawError(f"mapping table {name}: declares format/family {data['format']}/{data['family']}")
+    return Table(name=name, format=fmt, family=family, sha256=hashlib.sha256(raw).hexdigest(),
+                 identity=bool(data.get("identity", False)), placeholders=data.get("placeholders") or {},
+                 tensors=data.get("tensors") or {}, drop=list(data.get("drop") or []))

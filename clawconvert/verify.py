@@ -1,0 +1,178 @@
+"""Numerical proof: run both checkpoints in their own frameworks and compare.
+
+A *runner* loads a checkpoint with the framework that owns its format (open_clip for
+OpenCLIP, transformers for HF) and exposes image features, text features and logits.
+:func:`compare` feeds both runners the same deterministic inputs (seeded pixels, token ids
+built the way the family's tokenizer would: BOS, tokens, EOS, padding) and reports the
+max absolute differences.  Runners are registered per format in :data:`RUNNERS`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import ClawError, VerificationFailed
+from .formats import Checkpoint
+
+
+@dataclass
+class Runner:
+    """Framework-native forward passes of one checkpoint (fp32, eval mode, no grad)."""
+
+    name: str
+    image: Callable[[torch.Tensor], torch.Tensor] | None
+    text: Callable[[torch.Tensor], torch.Tensor] | None
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+
+def _features(out: Any) -> torch.Tensor:
+    """transformers 5 returns a model output from get_*_features; 4.x a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence framework chatter (logging, warnings, prints) while loading models."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def hf_runner(ckpt: Checkpoint) -> Runner:
+    cls = ckpt.family.hf_model_class(ckpt.config)
+    with quiet():
+        model, info = cls.from_pretrained(str(ckpt.path), output_loading_info=True, dtype=torch.float32)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise VerificationFailed(f"{ckpt.path}: transformers {cls.__name__} reports "
+                                 + "; ".join(f"{k}: {', '.join(map(str, v))[:200]}" for k, v in bad.items()))
+    model.eval()
+    return Runner(f"transformers {cls.__name__}",
+                  image=lambda x: _features(model.get_image_features(pixel_values=x)),
+                  text=lambda ids: _features(model.get_text_features(input_ids=ids)),
+                  logits=lambda x, ids: model(input_ids=ids, pixel_values=x).logits_per_image)
+
+
+def openclip_runner(ckpt: Checkpoint) -> Runner:
+    import open_clip
+
+    path = Path(ckpt.path)
+    with quiet():
+        try:
+            if path.is_dir():
+                model = open_clip.create_model(f"local-dir:{path}")
+            else:
+                model_cfg = ckpt.family.codec("openclip").write(ckpt.config)
+                model = _openclip_from_cfg(model_cfg, ckpt)
+        except ClawError:
+            raise
+        except Exception as e:
+            raise VerificationFailed(f"{path}: open_clip cannot load it: {str(e).splitlines()[0][:300]}") from e
+    model.eval().float()
+
+    def logits(x, ids):
+        img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(ids), dim=-1)
+        out = model.logit_scale.exp() * img @ txt.T
+        if getattr(model, "logit_bias", None) is not None:
+            out = out + model.logit_bias
+        return out
+
+    return Runner("open_clip", image=model.encode_image, text=model.encode_text, logits=logits)
+
+
+def _openclip_from_cfg(model_cfg: dict, ckpt: Checkpoint):
+    """Build an open_clip model from a config dict and load the checkpoint's own tensors."""
+    import open_clip
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = json.loads(json.dumps(model_cfg))
+    cls = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
+    model = cls(**cfg)
+    state = {k: ckpt.store.read(k) for k in ckpt.store.keys()}
+    state = open_clip.factory.convert_state_dict(model, state) if hasattr(open_clip.factory, "convert_state_dict") else state
+    state.pop("attn_mask", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VerificationFailed(f"{ckpt.path}: open_clip reports missing {missing[:5]} unexpected {unexpected[:5]}")
+    return model
+
+
+# format name -> runner factory; formats without a framework runner cannot be --verify'd
+RUNNERS: dict[str, Callable[[Checkpoint], Runner]] = {"hf": hf_runner, "openclip": openclip_runner}
+
+
+def sample_inputs(config: Any, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic pixels and token rows shaped like a tokenizer's output."""
+    g = torch.Generator().manual_seed(seed)
+    v, t = config.vision_config, config.text_config
+    size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
+    pixels = torch.randn(batch + 1, getattr(v, "num_channels", 3), size, size, generator=g)
+    L, V = t.max_position_embeddings, t.vocab_size
+    eos = t.eos_token_id if t.eos_token_id not in (None, 2) else V - 1
+    pad = t.pad_token_id if t.pad_token_id is not None else 0
+    bos = getattr(t, "bos_token_id", None)
+    low = 3
+    ids = torch.full((batch, L), pad, dtype=torch.long)
+    for i in range(batch):
+        n = int(torch.randint(2, L - 1, (1,), generator=g))
+        row = torch.randint(low, max(low + 1, min(V - 2, eos - 1 if eos > low + 1 else V - 2)), (n,), generator=g)
+        row = row[row != eos][: L - 2]
+        seq = ([bos] if bos is not None and bos != eos and bos < V else []) + row.tolist() + [eos]
+        ids[i, : len(seq)] = torch.tensor(seq[:L])
+    return pixels, ids
+
+
+def compare(a: Checkpoint, b: Checkpoint, tolerance: float = 1e-4, seed: int = 0) -> dict[str, Any]:
+    """Run both checkpoints on the same inputs; return the figures (raises if above tolerance)."""
+    runners = []
+    for ck in (a, b):
+        if ck.format not in RUNNERS:
+            raise ClawError(f"{ck.path}: no framework runner for {ck.format} checkpoints; verify against a converted copy")
+        runners.append(RUNNERS[ck.format](ck))
+    ra, rb = runners
+    pixels, ids = sample_inputs(a.config, seed=seed)
+    figures: dict[str, Any] = {"a": ra.name, "b": rb.name, "tolerance": tolerance}
+    with torch.no_grad():
+        for what, attr, args in (("image_embeds", "image", (pixels,)), ("text_embeds", "text", (ids,)),
+                                 ("logits_per_image", "logits", (pixels, ids))):
+            fa, fb = getattr(ra, attr), getattr(rb, attr)
+            if fa is None or fb is None:
+                continue
+            x, y = fa(*args).float(), fb(*args).float()
+            if x.shape != y.shape:
+                raise VerificationFailed(f"{what}: shapes differ ({tuple(x.shape)} vs {tuple(y.shape)})")
+            figures[what] = float((x - y).abs().max())
+    worst = max(figures.get(k, 0.0) for k in ("image_embeds", "text_embeds", "logits_per_image"))
+    figures["max_abs_diff"] = worst
+    figures["passed"] = worst <= tolerance
+    return figures
+
+
+def format_figures(f: dict[str, Any]) -> str:
+    parts = [f"{k} {f[k]:.3g}" for k in ("image_embeds", "text_embeds", "logits_per_image") if k in f]
+    verdict = "OK" if f["passed"] else "FAILED"
+    return f"verify {verdict}: max |diff| {', '.join(parts)} (tolerance {f['tolerance']:g}; {f['a']} vs {f['b']})"
+
+
+def default_tolerance(dtype: torch.dtype | None) -> float:
+    """1e-4 in fp32; a half-precision output is compared with its rounding in mind."""
+    return {torch.float16: 5e-2, torch.bfloat16: 2e-1}.get(dtype, 1e-4)
