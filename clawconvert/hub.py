@@ -1,0 +1,501 @@
+"""Hugging Face Hub: push output directories with a provenance model card; read ``hf-hub:`` sources.
+
+Everything goes through huggingface_hub's own API (``create_repo``, ``create_branch``,
+``create_commit``, ``resolve_revision``, ``snapshot_download``), so endpoints, the large-file
+path (Xet or LFS), the cache layout and the environment (``HF_TOKEN``, ``HF_HOME``,
+``HF_ENDPOINT``, ``HF_HUB_OFFLINE``) behave exactly as in every other Hub tool.
+
+For commands:
+
+* :func:`resolve_source` turns a SRC argument into a local path (downloading ``hf-hub:org/name
+  [@revision]`` into the HF cache) plus provenance for the manifest;
+* :func:`add_push_option` adds ``--push-to REPO_ID`` and ``--private`` to a subcommand;
+  :func:`maybe_push` pushes its output directory afterwards when ``--push-to`` was given;
+* :func:`push` is what ``clawconvert push`` runs; :func:`plan_push` is its local half.
+
+Tokens are never printed, logged or written: every message that leaves this module passes
+through :func:`redact`, and the card is built from the manifest only.  Hub and network
+failures become one :class:`~clawconvert.errors.ClawError` line; local files are never written.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import hashlib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ClawError
+from .modelcard import build_card
+from .provenance import MANIFEST, read_manifest
+
+HUB_PREFIX = "hf-hub:"
+CARD = "README.md"
+
+# Files a checkpoint needs besides its weights: configs, tokenizers, preprocessing.
+CONFIG_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.tiktoken", "*.yaml", "*.yml"]
+# Weight files in order of preference: the first kind a repo has is the one downloaded.
+WEIGHT_PATTERNS = [["*.safetensors"], ["*.npz"], ["*.bin", "*.pt", "*.pth", "*.ckpt"]]
+
+# Never uploaded from an output directory: VCS data, hub caches, clawconvert's temporaries.
+_SKIP_PARTS = (".git", "__pycache__")
+_SKIP_PREFIXES = (".clawconvert-tmp-", ".DS_Store")
+
+
+# --------------------------------------------------------------------------------------------
+# tokens and errors
+
+
+def _known_tokens() -> list[str]:
+    """Token values that must never appear in output: HF_TOKEN and the stored login."""
+    values = [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    with contextlib.suppress(Exception):
+        from huggingface_hub import get_token
+
+        values.append(get_token())
+    return [v.strip() for v in values if v and len(v.strip()) >= 4]
+
+
+def redact(text: str) -> str:
+    """``text`` with any known token value and any ``Bearer ...`` credential replaced by ***."""
+    for token in _known_tokens():
+        text = text.replace(token, "***")
+    return re.sub(r"(?i)(bearer\s+)[^\s'\",)]+", r"\1***", text)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _first_line(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and its ``__cause__`` / ``__context__`` chain (huggingface_hub wraps upload errors)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+
+
+def _explain(err: BaseException, action: str, repo_id: str, revision: str | None) -> str:
+    """One line saying what failed and what to do, for any error a Hub call can raise."""
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    rev = revision or "main"
+    for cause in _causes(err):
+        if isinstance(cause, hf.OfflineModeIsEnabled):
+            return f"{action}: HF_HUB_OFFLINE is set, so the Hub cannot be reached"
+        if isinstance(cause, hf.RevisionNotFoundError):
+            return f"{action}: revision '{rev}' does not exist in {repo_id}"
+        if isinstance(cause, hf.GatedRepoError):
+            return f"{action}: {repo_id} is gated: accept its conditions on the Hub, then use a token of that account"
+        if isinstance(cause, hf.RepositoryNotFoundError):
+            return (f"{action}: repository {repo_id} not found at {_endpoint()}, or not visible with the "
+                    "current token (private repos need HF_TOKEN or `hf auth login`)")
+        if isinstance(cause, hf.RemoteEntryNotFoundError):
+            return f"{action}: a file is missing from {repo_id}@{rev} ({_first_line(cause.server_message)})"
+        if isinstance(cause, hf.HfHubHTTPError) and _status(cause) is not None:
+            code, server = _status(cause), _first_line(cause.server_message)
+            if code == 401:
+                how = ("the token in HF_TOKEN or from `hf auth login` was rejected" if _known_tokens()
+                       else "no token found: set HF_TOKEN or run `hf auth login`")
+                return f"{action}: the Hub refused the credentials (401 Unauthorized): {how}"
+            if code == 403:
+                return (f"{action}: permission denied (403 Forbidden{': ' + server if server else ''}); "
+                        f"the token needs write access to {repo_id.split('/')[0]}")
+            reason = getattr(cause.response, "reason_phrase", "") or ""
+            detail = f": {server}" if server else ""
+            return f"{action}: the Hub answered {code} {reason}{detail}".replace("  ", " ")
+        if isinstance(cause, hf.RevisionResolutionError):
+            return (f"{action}: cannot resolve revision '{rev}': the Hub cannot be reached and the local "
+                    "cache has no copy of it")
+        if isinstance(cause, hf.IncompleteSnapshotError):
+            return (f"{action}: the cached copy of {repo_id}@{rev} is incomplete and the Hub cannot be "
+                    "reached to complete it")
+        if isinstance(cause, hf.LocalEntryNotFoundError):
+            return (f"{action}: {repo_id}@{rev} is not in the local Hugging Face cache and the Hub cannot "
+                    "be reached (check the network, HF_ENDPOINT and HF_HUB_OFFLINE)")
+        if isinstance(cause, httpx2.TransportError):
+            return f"{action}: cannot reach the Hub at {_endpoint()} ({cause.__class__.__name__}: {_first_line(str(cause))})"
+        if isinstance(cause, hf.HFValidationError):
+            return f"{action}: {_first_line(str(cause))}"
+    return f"{action}: {err.__class__.__name__}: {_first_line(str(err))}"
+
+
+@contextlib.contextmanager
+def _hub_errors(action: str, repo_id: str, revision: str | None = None,
+                suffix: str = "") -> Iterator[None]:
+    """Turn any exception from a Hub call into one redacted ClawError line."""
+    try:
+        yield
+    except ClawError:
+        raise
+    except Exception as err:  # huggingface_hub, httpx2 and OS errors: all become one line
+        raise ClawError(redact(_explain(err, action, repo_id, revision) + suffix)) from None
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` cannot be pushed to (None when it can): it must be a valid 'namespace/name'."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") != 1:
+        return f"the repo id must be 'namespace/name' (for example your-name/clip-vit-b-32), got '{repo_id}'"
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        return _first_line(str(err))
+    return None
+
+
+def _validate_repo_id(repo_id: str, what: str) -> None:
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise ClawError(f"{what}: {problem}")
+
+
+def repo_id_arg(value: str) -> str:
+    """argparse ``type=`` for a push target: a bad id fails at parse time, before any work."""
+    problem = repo_id_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# reading sources from the Hub
+
+
+def is_hub_source(src: str | os.PathLike) -> bool:
+    """Whether a SRC argument names a Hub repo (``hf-hub:org/name[@revision]``)."""
+    return isinstance(src, str) and src.startswith(HUB_PREFIX)
+
+
+def parse_hub_source(src: str) -> tuple[str, str | None]:
+    """``hf-hub:org/name@rev`` -> ``("org/name", "rev")``; the revision is None when not given."""
+    body = src[len(HUB_PREFIX):] if is_hub_source(src) else src
+    repo_id, _, revision = body.partition("@")
+    repo_id = repo_id.strip().strip("/")
+    if not repo_id:
+        raise ClawError(f"'{src}': expected hf-hub:namespace/name[@revision]")
+    if "@" in body and not revision:
+        raise ClawError(f"'{src}': empty revision after '@'")
+    from huggingface_hub.utils import validate_repo_id
+
+    with _hub_errors(f"'{src}'", repo_id, revision):
+        validate_repo_id(repo_id)
+    return repo_id, revision or None
+
+
+def select_checkpoint_files(files: Iterable[str]) -> list[str]:
+    """The files a checkpoint needs among a repo's: configs and tokenizers, plus one kind of weights.
+
+    Weights are taken in order of preference (safetensors, then big_vision npz, then pickles), so a
+    repo that ships both ``model.safetensors`` and ``pytorch_model.bin`` downloads only the first.
+    """
+    from fnmatch import fnmatch
+
+    files = sorted(files)
+    chosen = [f for f in files if any(fnmatch(f, p) for p in CONFIG_PATTERNS)]
+    for patterns in WEIGHT_PATTERNS:
+        weights = [f for f in files if any(fnmatch(f, p) for p in patterns)]
+        if weights:
+            return chosen + weights
+    return chosen
+
+
+def _repo_files(api: Any, repo_id: str, commit: str) -> list[str]:
+    """File list of ``repo_id`` at ``commit``: from the cached tree when there is one, else the Hub."""
+    from huggingface_hub import get_cached_repo_tree
+
+    with contextlib.suppress(Exception):
+        return [f.path for f in get_cached_repo_tree(repo_id, revision=commit)]
+    return api.list_repo_files(repo_id, revision=commit)
+
+
+def resolve_source(src: str, allow_patterns: list[str] | None = None) -> tuple[Path, dict[str, str]]:
+    """A local path for SRC, and its Hub provenance.
+
+    A local SRC comes back as ``(Path(src), {})``.  ``hf-hub:org/name[@revision]`` is resolved to
+    a commit and downloaded with ``snapshot_download`` into the normal Hugging Face cache
+    (``HF_HOME`` / ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` serves it from the cache only), and
+    comes back as ``(snapshot_dir, {"hub_repo": "org/name", "hub_revision": "<commit sha>"})``.
+
+    ``allow_patterns`` are the glob patterns of the files the command needs.  When None, the
+    checkpoint's files are chosen from the repo listing (:func:`select_checkpoint_files`):
+    configs and tokenizers plus one kind of weights; pass ``["*"]`` to download everything.
+    """
+    if not is_hub_source(src):
+        return Path(src).expanduser(), {}
+    repo_id, revision = parse_hub_source(src)
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi(library_name="clawconvert", library_version=__version__)
+    action = f"cannot read {src}"
+    with _hub_errors(action, repo_id, revision):
+        resolved = api.resolve_revision(repo_id, revision=revision)
+        commit = resolved.resolved
+        patterns = allow_patterns
+        if patterns is None:
+            listing = _repo_files(api, repo_id, commit)
+            selected = select_checkpoint_files(listing)
+            if not selected:
+                raise ClawError(f"{action}: {repo_id}@{commit[:12]} has no checkpoint files (configs, "
+                                f"safetensors, npz or pickles); it holds: {', '.join(sorted(listing)[:12])}")
+            patterns = [glob.escape(f) for f in selected]
+        folder = Path(snapshot_download(repo_id, revision=resolved, allow_patterns=patterns,
+                                        library_name="clawconvert", library_version=__version__))
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise ClawError(f"{action}: no file of {repo_id}@{commit[:12]} matches {', '.join(patterns)}")
+    return folder, {"hub_repo": repo_id, "hub_revision": commit}
+
+
+# --------------------------------------------------------------------------------------------
+# pushing
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file of a push: where it goes in the repo and where its bytes come from."""
+
+    path_in_repo: str
+    size: int
+    sha256: str
+    local: Path | None  # None: generated in memory (the model card)
+    note: str = ""
+
+
+@dataclass
+class PushPlan:
+    """Everything a push would upload, decided locally (no network)."""
+
+    out_dir: Path
+    repo_id: str
+    revision: str | None
+    files: list[PlannedFile]
+    card: str | None  # the generated README.md, None when the directory has its own
+    manifest: dict[str, Any] | None
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    commit_url: str
+    commit_oid: str
+    pr_url: str | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def _skipped(rel: Path) -> bool:
+    parts = rel.parts
+    return (any(p in _SKIP_PARTS for p in parts) or any(p.startswith(_SKIP_PREFIXES) for p in parts)
+            or rel.as_posix().startswith(".cache/huggingface"))
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        manifest = read_manifest(out_dir)
+    except (ValueError, OSError) as err:
+        raise ClawError(f"{out_dir / MANIFEST} is unreadable ({err}); re-run the command that made "
+                        f"{out_dir}") from None
+    if manifest is not None and not isinstance(manifest, dict):
+        raise ClawError(f"{out_dir / MANIFEST} is not a JSON object; re-run the command that made {out_dir}")
+    return manifest
+
+
+def plan_push(out_dir: str | os.PathLike, repo_id: str, *, revision: str | None = None) -> PushPlan:
+    """Decide what pushing ``out_dir`` to ``repo_id`` uploads, without touching the network.
+
+    Every file is hashed once and checked against ``clawconvert_manifest.json``: a file the
+    manifest lists that is missing or changed stops the push (the card would describe other
+    bytes).  Files the manifest does not list are uploaded and marked as such.  ``README.md``
+    is generated from the manifest unless the directory already has one.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ClawError(f"{out_dir}: not a directory (push uploads a directory written by clawconvert)")
+    _validate_repo_id(repo_id, f"cannot push to '{repo_id}'")
+    manifest = _read_manifest(out_dir)
+    recorded = manifest.get("files") if manifest else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+
+    files: list[PlannedFile] = []
+    for path in sorted(out_dir.rglob("*")):
+        rel = path.relative_to(out_dir)
+        if not path.is_file() or _skipped(rel):
+            continue
+        name = rel.as_posix()
+        digest = _sha256(path)
+        note = ""
+        if name == MANIFEST:
+            note = "provenance manifest"
+        elif name == CARD:
+            note = "your model card, kept as is"
+        elif manifest is not None and name not in recorded:
+            note = "not listed in the manifest"
+        files.append(PlannedFile(name, path.stat().st_size, digest, path, note))
+
+    present = {f.path_in_repo: f.sha256 for f in files}
+    missing = sorted(p for p in recorded if p not in present)
+    changed = sorted(p for p, h in recorded.items() if p in present and present[p] != h)
+    if missing or changed:
+        raise ClawError(
+            f"{out_dir} no longer matches its {MANIFEST}: {len(missing)} file(s) missing, "
+            f"{len(changed)} changed since it was written; re-run the command that made it",
+            [f"missing: {p}" for p in missing] + [f"changed: {p}" for p in changed])
+    if not files:
+        raise ClawError(f"{out_dir}: nothing to push (the directory is empty)")
+
+    card = None
+    if CARD not in present:
+        card = redact(build_card(manifest, repo_id, [f.path_in_repo for f in files] + [CARD]))
+        data = card.encode()
+        files.append(PlannedFile(CARD, len(data), hashlib.sha256(data).hexdigest(), None,
+                                 "model card, written by clawconvert"))
+        files.sort(key=lambda f: f.path_in_repo)
+    return PushPlan(out_dir, repo_id, revision, files, card, manifest)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"  # pragma: no cover
+
+
+def describe_plan(plan: PushPlan, *, create_pr: bool = False) -> str:
+    """The file list a push prints (and a dry run prints before the card)."""
+    where = f"a pull request against {plan.revision or 'main'}" if create_pr else f"branch {plan.revision or 'main'}"
+    width = max(len(f.path_in_repo) for f in plan.files)
+    lines = [f"{plan.out_dir} -> {plan.repo_id} ({where}) at {_endpoint()}"]
+    for f in plan.files:
+        note = f"  {f.note}" if f.note else ""
+        lines.append(f"  {f.path_in_repo:<{width}}  {_human(f.size):>9}{note}")
+    lines.append(f"{len(plan.files)} files, {_human(plan.total_size)}")
+    return "\n".join(lines)
+
+
+def _default_message(plan: PushPlan) -> str:
+    command = (plan.manifest or {}).get("command")
+    if isinstance(command, str) and command.strip():
+        return redact(f"Upload output of `{command.strip()}` (clawconvert {__version__})")[:200]
+    return f"Upload {plan.out_dir.name} with clawconvert {__version__}"
+
+
+def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, create_pr: bool = False, dry_run: bool = False,
+         quiet: bool = False, echo: Callable[[str], None] | None = None) -> PushResult | None:
+    """Push ``out_dir`` to ``repo_id`` as one commit, with a model card; None for a dry run.
+
+    Creates the repo when missing (``private`` applies only then) and the branch ``revision``
+    when missing, unless ``create_pr``, which opens a pull request against ``revision`` (or
+    main) instead of committing to it.  The commit is atomic: if anything fails, nothing is
+    committed, and the local directory is never written to.  ``echo`` receives the report
+    lines (default: print to stdout).
+    """
+    say = echo or (lambda line: print(line, flush=True))
+    plan = plan_push(out_dir, repo_id, revision=revision)
+    say(describe_plan(plan, create_pr=create_pr))
+    if dry_run:
+        if plan.card is not None:
+            say(f"----- {CARD} (model card that would be written) -----")
+            say(plan.card.rstrip("\n"))
+            say(f"----- end of {CARD} -----")
+        else:
+            say(f"{CARD}: the directory's own model card is uploaded unchanged")
+        say("dry run: nothing was sent to the Hub")
+        return None
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+
+    if quiet:
+        disable_progress_bars()
+        hf_logging.set_verbosity_error()
+    api = HfApi(library_name="clawconvert", library_version=__version__)
+    action = f"cannot push to {repo_id}"
+    operations = []
+    for f in plan.files:
+        op = CommitOperationAdd(path_in_repo=f.path_in_repo,
+                                path_or_fileobj=str(f.local) if f.local is not None else plan.card.encode())
+        op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed once already, by plan_push
+        operations.append(op)
+    with _hub_errors(action, repo_id, revision):
+        api.create_repo(repo_id, private=private or None, exist_ok=True)
+    if revision and not create_pr:
+        with _hub_errors(action, repo_id, revision):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with _hub_errors(action, repo_id, revision, suffix="; nothing was committed"):
+        info = api.create_commit(repo_id, operations, commit_message=commit_message or _default_message(plan),
+                                 revision=revision, create_pr=create_pr)
+    result = PushResult(repo_id, revision or "main", str(info.commit_url), str(info.oid), info.pr_url,
+                        [f.path_in_repo for f in plan.files])
+    if result.pr_url:
+        say(f"opened pull request {result.pr_url} (commit {result.commit_oid[:12]})")
+    else:
+        say(f"pushed to {repo_id}@{result.revision}: {result.commit_url}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# --push-to on other commands
+
+
+def add_push_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--push-to REPO_ID`` and ``--private`` (a "hub" option group) to a subcommand."""
+    g = parser.add_argument_group("hub")
+    g.add_argument("--push-to", metavar="REPO_ID", default=None, type=repo_id_arg,
+                   help="after success, push the output directory to this Hugging Face Hub repo "
+                        "(namespace/name) with a provenance model card; token from HF_TOKEN or "
+                        "`hf auth login` (see `clawconvert push --help`)")
+    g.add_argument("--private", action="store_true",
+                   help="with --push-to: create the repo as private (an existing repo keeps its visibility)")
+
+
+def maybe_push(args: argparse.Namespace, out_dir: Path) -> None:
+    """Push ``out_dir`` when the command was given ``--push-to``; otherwise do nothing.
+
+    Call it after the output directory and its manifest are complete.  Failures raise
+    ClawError; the output directory stays as written either way.
+    """
+    repo_id = getattr(args, "push_to", None)
+    if not repo_id:
+        return
+    push(out_dir, repo_id, private=bool(getattr(args, "private", False)),
+         quiet=bool(getattr(args, "quiet", False)),
+         echo=lambda line: print(line, file=sys.stdout, flush=True))
