@@ -54,12 +54,16 @@ _SKIP_PREFIXES = (".clawconvert-tmp-", ".DS_Store")
 
 
 def _known_tokens() -> list[str]:
-    """Token values that must never appear in output: HF_TOKEN and the stored login."""
+    """Token values that must never appear in output: HF_TOKEN and the stored login token.
+
+    Read directly (environment and token file) rather than through ``get_token()``, which may
+    exchange an OIDC token over the network: a dry run must contact nothing.
+    """
     values = [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
     with contextlib.suppress(Exception):
-        from huggingface_hub import get_token
+        from huggingface_hub import constants
 
-        values.append(get_token())
+        values.append(Path(constants.HF_TOKEN_PATH).read_text())
     return [v.strip() for v in values if v and len(v.strip()) >= 4]
 
 
@@ -140,7 +144,11 @@ def _explain(err: BaseException, action: str, repo_id: str, revision: str | None
             return f"{action}: cannot reach the Hub at {_endpoint()} ({cause.__class__.__name__}: {_first_line(str(cause))})"
         if isinstance(cause, hf.HFValidationError):
             return f"{action}: {_first_line(str(cause))}"
-    return f"{action}: {err.__class__.__name__}: {_first_line(str(err))}"
+    message = f"{action}: {err.__class__.__name__}: {_first_line(str(err))}"
+    if "xet" in message.lower() and "HF_HUB_DISABLE_XET" not in message:
+        message += (" (this Hub endpoint does not seem to serve Xet storage: set HF_HUB_DISABLE_XET=1 "
+                    "to upload large files through LFS)")
+    return message
 
 
 @contextlib.contextmanager
@@ -249,6 +257,7 @@ def resolve_source(src: str, allow_patterns: list[str] | None = None) -> tuple[P
         return Path(src).expanduser(), {}
     repo_id, revision = parse_hub_source(src)
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
 
     api = HfApi(library_name="clawconvert", library_version=__version__)
     action = f"cannot read {src}"
@@ -265,7 +274,9 @@ def resolve_source(src: str, allow_patterns: list[str] | None = None) -> tuple[P
             patterns = [glob.escape(f) for f in selected]
         folder = Path(snapshot_download(repo_id, revision=resolved, allow_patterns=patterns,
                                         library_name="clawconvert", library_version=__version__))
-    if not folder.is_dir() or not any(folder.iterdir()):
+    present = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()] \
+        if folder.is_dir() else []
+    if not list(filter_repo_objects(present, allow_patterns=patterns)):
         raise ClawError(f"{action}: no file of {repo_id}@{commit[:12]} matches {', '.join(patterns)}")
     return folder, {"hub_repo": repo_id, "hub_revision": commit}
 
@@ -417,6 +428,26 @@ def _default_message(plan: PushPlan) -> str:
     return f"Upload {plan.out_dir.name} with clawconvert {__version__}"
 
 
+@contextlib.contextmanager
+def _quiet_hub(quiet: bool) -> Iterator[None]:
+    """With ``quiet``: no huggingface_hub progress bars or warnings, restored afterwards."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                       enable_progress_bars, logging as hf_logging)
+
+    bars_were_off, verbosity = are_progress_bars_disabled(), hf_logging.get_verbosity()
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            enable_progress_bars()
+
+
 def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, create_pr: bool = False, dry_run: bool = False,
          quiet: bool = False, echo: Callable[[str], None] | None = None) -> PushResult | None:
@@ -442,11 +473,7 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         return None
 
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
 
-    if quiet:
-        disable_progress_bars()
-        hf_logging.set_verbosity_error()
     api = HfApi(library_name="clawconvert", library_version=__version__)
     action = f"cannot push to {repo_id}"
     operations = []
@@ -455,14 +482,15 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
                                 path_or_fileobj=str(f.local) if f.local is not None else plan.card.encode())
         op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed once already, by plan_push
         operations.append(op)
-    with _hub_errors(action, repo_id, revision):
-        api.create_repo(repo_id, private=private or None, exist_ok=True)
-    if revision and not create_pr:
+    with _quiet_hub(quiet):
         with _hub_errors(action, repo_id, revision):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with _hub_errors(action, repo_id, revision, suffix="; nothing was committed"):
-        info = api.create_commit(repo_id, operations, commit_message=commit_message or _default_message(plan),
-                                 revision=revision, create_pr=create_pr)
+            api.create_repo(repo_id, private=private or None, exist_ok=True)
+        if revision and not create_pr:
+            with _hub_errors(action, repo_id, revision):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with _hub_errors(action, repo_id, revision, suffix="; nothing was committed"):
+            info = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or _default_message(plan))
     result = PushResult(repo_id, revision or "main", str(info.commit_url), str(info.oid), info.pr_url,
                         [f.path_in_repo for f in plan.files])
     if result.pr_url:

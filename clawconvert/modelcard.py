@@ -133,11 +133,11 @@ def card_metadata(manifest: Mapping[str, Any] | None, files: Iterable[str] = ())
 
 
 def _fmt(value: Any) -> str:
-    """One table cell: floats with 4 significant digits, everything else as text, pipes escaped."""
+    """One table cell: floats to 8 significant digits (a cosine of 0.9999998 must not read 1)."""
     if isinstance(value, bool):
         text = "yes" if value else "no"
     elif isinstance(value, float):
-        text = f"{value:.4g}"
+        text = f"{value:.8g}"
     elif isinstance(value, (list, tuple)):
         text = ", ".join(_fmt(v) for v in value)
     else:

@@ -123,8 +123,13 @@ def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 
 def assert_one_error_line(err: str, *needles: str) -> str:
-    """stderr holds exactly one line, the clawconvert error, and it says what went wrong."""
-    lines = [line for line in err.splitlines() if line.strip()]
+    """stderr holds exactly one line, the clawconvert error, and it says what went wrong.
+
+    huggingface_hub's progress bars (``name: 40%|####  | ...``, redrawn with carriage returns)
+    are not messages and are left out of the count.
+    """
+    lines = [line for line in re.split(r"[\r\n]+", err)
+             if line.strip() and not re.search(r"\d+%\|", line)]
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith("clawconvert: error: "), lines[0]
     assert "Traceback" not in err
@@ -165,6 +170,11 @@ def test_push_then_read_back_through_hf_hub_is_byte_identical(hub, tmp_path, cap
         assert (path / name).read_bytes() == (out / name).read_bytes(), name
     assert (path / "README.md").read_bytes() == remote["README.md"]
 
+    # pushing the same directory again changes nothing on the Hub
+    head = hub.head("alice/tiny-clip-hf")
+    assert run_cli(capsys, "push", out, "alice/tiny-clip-hf", "--quiet")[0] == 0
+    assert hub.head("alice/tiny-clip-hf") == head
+
 
 def test_model_card_carries_front_matter_and_provenance(hub, tmp_path, capsys):
     out = make_output(tmp_path / "out")
@@ -182,7 +192,7 @@ def test_model_card_carries_front_matter_and_provenance(hub, tmp_path, capsys):
     assert "| `clip/openclip` | `" + "1" * 64 + "` |" in card
     assert f"| clawconvert version | {__version__} |" in card
     assert "| dtype | fp32 |" in card
-    assert "| max_abs_diff | 3.2e-07 |" in card and "| image_embeds.cosine_min | 1 |" in card
+    assert "| max_abs_diff | 3.2e-07 |" in card and "| image_embeds.cosine_min | 0.9999998 |" in card
     assert 'CLIPModel.from_pretrained("alice/card")' in card
     assert 'AutoProcessor.from_pretrained("alice/card")' in card
     manifest_hashes = json.loads((out / MANIFEST).read_text())["files"]
@@ -327,6 +337,18 @@ def test_hub_unreachable_is_one_line(tmp_path, capsys, monkeypatch):
     rc, stdout, err = run_cli(capsys, "push", out, "alice/nowhere", "--quiet")
     assert rc == 2
     assert_one_error_line(err, "cannot reach the Hub at " + dead)
+    assert GOOD_TOKEN not in stdout + err
+
+
+def test_endpoint_without_xet_gets_a_hint(hub, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # hf_xet is installed: Xet is tried
+    monkeypatch.delenv("HF_HUB_DISABLE_XET")
+    out = make_output(tmp_path / "out")
+    rc, stdout, err = run_cli(capsys, "push", out, "alice/xet", "--quiet")
+    assert rc == 2
+    assert_one_error_line(err, "set HF_HUB_DISABLE_XET=1", "nothing was committed")
     assert GOOD_TOKEN not in stdout + err
 
 
