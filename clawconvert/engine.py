@@ -92,6 +92,31 @@ class Plan:
         return written
 
 
+class Problems:
+    """Every problem found while planning, grouped by kind for a one-line summary."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def append(self, kind: str, message: str) -> None:
+        self.items.append((kind, message))
+
+    @property
+    def messages(self) -> list[str]:
+        return [m for _, m in self.items]
+
+    def raise_if_any(self, what: str) -> None:
+        if not self.items:
+            return
+        kinds = Counter(k for k, _ in self.items)
+        first = {}
+        for k, m in self.items:
+            first.setdefault(k, m)
+        summary = "; ".join(f"{n} {k}{'s' if n > 1 and not k.endswith('config') else ''}" + (f" (e.g. {first[k]})" if n > 1 else f": {first[k]}")
+                            for k, n in kinds.items())
+        raise ClawError(f"{what}: {summary}", details=self.messages if len(self.items) > 1 else [])
+
+
 def _numel(shape: Shape) -> int:
     n = 1
     for s in shape:
@@ -108,14 +133,14 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
     framework model); ``ignore_canonical`` names canonical keys the caller deliberately
     leaves out (tower extraction keeps one tower).
     """
-    problems: list[str] = []
+    problems = Problems()
     ignore = set(ignore_canonical)
     keys = set(source.keys())
 
     # 1. every source tensor is mapped or explicitly dropped
     for k in source.keys():
         if k not in src.by_format and not src.dropped(k):
-            problems.append(f"unconsumed source tensor '{k}' {source.info(k).shape}: no entry in {src.table.name}")
+            problems.append("unconsumed source tensor", f"unconsumed source tensor '{k}' {source.info(k).shape}: no entry in {src.table.name}")
 
     # 2. source rules: present, optional-and-absent, or missing
     src_rules: list[Rule] = []
@@ -127,7 +152,7 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
             continue
         elif not all(c in ignore for c in rule.canonical):
             missing = [k for k, p in zip(rule.format, present) if not p]
-            problems.append(f"missing source tensor {', '.join(repr(m) for m in missing)} (for {', '.join(rule.canonical)})")
+            problems.append("missing source tensor", f"missing source tensor {', '.join(repr(m) for m in missing)} (for {', '.join(rule.canonical)})")
 
     # 3. canonical shapes from headers, checked against the framework's expectation
     canonical_shapes: dict[str, Shape] = {}
@@ -137,10 +162,10 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
         try:
             out = rule.chain.load_shapes(shapes)
         except ClawError as e:
-            problems.append(f"{rule.origin}: source {', '.join(rule.format)} {shapes}: {e}")
+            problems.append("shape error", f"{rule.origin}: source {', '.join(rule.format)} {shapes}: {e}")
             continue
         except RuntimeError as e:
-            problems.append(f"{rule.origin}: source {', '.join(rule.format)} has shapes {shapes} that the table's ops cannot take ({str(e).splitlines()[0]})")
+            problems.append("shape error", f"{rule.origin}: source {', '.join(rule.format)} has shapes {shapes} that the table's ops cannot take ({str(e).splitlines()[0]})")
             continue
         for name, shape in zip(rule.canonical, out):
             canonical_shapes[name] = shape
@@ -149,10 +174,10 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
         if name in ignore:
             continue
         if name not in expected:
-            problems.append(f"'{name}' is produced by {src.by_canonical[name].origin} but the model config has no such tensor")
+            problems.append("unexpected tensor", f"'{name}' is produced by {src.by_canonical[name].origin} but the model config has no such tensor")
         elif tuple(expected[name]) != tuple(shape):
             origin = src.by_canonical[name]
-            problems.append(f"shape contradicts the config: {', '.join(origin.format)} gives '{name}' {shape}, "
+            problems.append("shape contradicts the config", f"shape contradicts the config: {', '.join(origin.format)} gives '{name}' {shape}, "
                             f"the config expects {tuple(expected[name])}")
     for name in expected:
         if name not in canonical_shapes and name not in ignore:
@@ -160,7 +185,7 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
             where = f" (source table maps it from {', '.join(repr(f) for f in rule.format)})" if rule else \
                 f" (no entry for it in {src.table.name})"
             if rule is None or not rule.optional:
-                problems.append(f"missing tensor '{name}'{where}")
+                problems.append("missing tensor", f"missing tensor '{name}'{where}")
 
     # 4. target rules: every canonical input available
     dst_rules: list[Rule] = []
@@ -174,13 +199,13 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
             if rule.optional and not any(have):
                 continue
             lacking = [c for c, h in zip(rule.canonical, have) if not h]
-            if not any(f"'{c}'" in p for p in problems for c in lacking):
-                problems.append(f"cannot produce target {', '.join(rule.format)}: no source for {', '.join(lacking)}")
+            if not any(f"'{c}'" in p for p in problems.messages for c in lacking):
+                problems.append("unproducible target", f"cannot produce target {', '.join(rule.format)}: no source for {', '.join(lacking)}")
             continue
         try:
             shapes = rule.chain.save_shapes([canonical_shapes[c] for c in rule.canonical])
         except (ClawError, RuntimeError) as e:
-            problems.append(f"{rule.origin}: cannot produce {', '.join(rule.format)}: {str(e).splitlines()[0]}")
+            problems.append("unproducible target", f"{rule.origin}: cannot produce {', '.join(rule.format)}: {str(e).splitlines()[0]}")
             continue
         used.update(rule.canonical)
         dst_rules.append(rule)
@@ -190,9 +215,7 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
     # 5. nothing canonical may be silently lost on the way out
     for name in canonical_shapes:
         if name not in used and name not in ignore:
-            problems.append(f"'{name}' has no place in the target format ({dst.table.name}): converting would lose it")
+            problems.append("lost in target", f"'{name}' has no place in the target format ({dst.table.name}): converting would lose it")
 
-    if problems:
-        raise ClawError(f"cannot convert {source.path}: {len(problems)} problem{'s' if len(problems) > 1 else ''} "
-                        f"(first: {problems[0]})", details=problems)
+    problems.raise_if_any(f"cannot convert {source.path}")
     return Plan(source, src_rules, dst_rules, canonical_shapes, canonical_dtypes, targets, dtype)

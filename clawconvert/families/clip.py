@@ -17,7 +17,8 @@ OpenCLIP                              CLIPConfig
                                       2 (transformers' legacy argmax pooling) otherwise
 ``text_cfg.pool_type`` eos, eos_id    ``eos_token_id`` = eos_id (eos_id 2 is refused: HF
                                       reads 2 as legacy argmax pooling)
-pad 0 (open_clip's tokenizer)         ``pad_token_id`` 0 (token ``!``)
+pad 0 (open_clip's tokenizer)         ``pad_token_id`` 49407: HF pads with EOT (as OpenAI's
+                                      tokenizers do); ids after EOT never change outputs
 ====================================  ======================================================
 
 Options transformers' CLIP cannot express are refused before anything is written, with
@@ -136,7 +137,8 @@ def openclip_to_config(model_cfg: dict):
     text = dict(vocab_size=vocab, hidden_size=tw, intermediate_size=int(tw * float(t.get("mlp_ratio", 4.0))),
                 num_hidden_layers=int(t.get("layers", 12)), num_attention_heads=int(t.get("heads", 8)),
                 max_position_embeddings=int(t.get("context_length", 77)), hidden_act=act,
-                layer_norm_eps=_eps(t), projection_dim=E, pad_token_id=int(t.get("pad_id", 0)),
+                layer_norm_eps=_eps(t), projection_dim=E,
+                pad_token_id=CLIP_EOT if vocab == CLIP_BPE_VOCAB else int(t.get("pad_id", 0)),
                 bos_token_id=CLIP_BOS if vocab == CLIP_BPE_VOCAB else 0, eos_token_id=eos)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=E)
 
@@ -165,8 +167,6 @@ def config_to_openclip(config) -> dict:
     text: dict[str, Any] = dict(context_length=t.max_position_embeddings, vocab_size=t.vocab_size,
                                 width=t.hidden_size, heads=t.num_attention_heads, layers=t.num_hidden_layers,
                                 mlp_ratio=_mlp_ratio(t.hidden_size, t.intermediate_size))
-    if getattr(t, "pad_token_id", 0) not in (None, 0):
-        text["pad_id"] = int(t.pad_token_id)
     eos = t.eos_token_id
     if not (eos == 2 or (eos == CLIP_EOT and t.vocab_size == CLIP_BPE_VOCAB)):
         text.update(pool_type="eos", eos_id=int(eos))
@@ -232,9 +232,18 @@ def clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
 def write_clip_tokenizer(out_dir: Path, context_length: int) -> None:
     from transformers import CLIPTokenizer
 
+    import inspect
+
     vocab_file, merges_file = clip_bpe_files(out_dir)
-    tok = CLIPTokenizer(vocab_file=str(vocab_file), merges_file=str(merges_file), pad_token="!",
-                        model_max_length=context_length)
+    # pad with EOT like OpenAI's own HF tokenizers: "!" (open_clip's pad id 0) would be matched
+    # as a special token inside text and change the ids of any "!"; padding after EOT never
+    # changes the outputs (causal attention, pooling at the first EOT)
+    kw = dict(pad_token="<|endoftext|>", model_max_length=context_length)
+    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers 4.x
+        tok = CLIPTokenizer(vocab_file=str(vocab_file), merges_file=str(merges_file), **kw)
+    else:  # transformers 5: vocab dict + merge list
+        tok = CLIPTokenizer(vocab=json.loads(vocab_file.read_text()),
+                            merges=[tuple(m.split()) for m in merges_file.read_text().splitlines()[1:] if m], **kw)
     tok.save_pretrained(str(out_dir))
 
 
