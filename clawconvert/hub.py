@@ -25,7 +25,6 @@ import glob
 import hashlib
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,18 +97,25 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         yield err
-        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+        # follow the chain Python's own traceback would show: the explicit cause, else the context
+        err = err.__cause__ if err.__cause__ is not None else (  # type: ignore[assignment]
+            None if err.__suppress_context__ else err.__context__)
 
 
-def _explain(err: BaseException, action: str, repo_id: str, revision: str | None) -> str:
+def _explain(err: BaseException, action: str, repo_id: str, revision: str | None,
+             reading: bool = False) -> str:
     """One line saying what failed and what to do, for any error a Hub call can raise."""
     import httpx2
-    from huggingface_hub import errors as hf
+    from huggingface_hub import constants, errors as hf
 
     rev = revision or "main"
+    offline_kinds = (hf.OfflineModeIsEnabled, hf.RevisionResolutionError, hf.LocalEntryNotFoundError)
+    if constants.is_offline_mode() and any(isinstance(c, offline_kinds) for c in _causes(err)):
+        if reading:
+            return (f"{action}: HF_HUB_OFFLINE is set and the local Hugging Face cache has no complete "
+                    f"copy of {repo_id}@{rev}")
+        return f"{action}: HF_HUB_OFFLINE is set; unset it to reach the Hub"
     for cause in _causes(err):
-        if isinstance(cause, hf.OfflineModeIsEnabled):
-            return f"{action}: HF_HUB_OFFLINE is set, so the Hub cannot be reached"
         if isinstance(cause, hf.RevisionNotFoundError):
             return f"{action}: revision '{rev}' does not exist in {repo_id}"
         if isinstance(cause, hf.GatedRepoError):
@@ -152,15 +158,19 @@ def _explain(err: BaseException, action: str, repo_id: str, revision: str | None
 
 
 @contextlib.contextmanager
-def _hub_errors(action: str, repo_id: str, revision: str | None = None,
-                suffix: str = "") -> Iterator[None]:
-    """Turn any exception from a Hub call into one redacted ClawError line."""
+def _hub_errors(action: str, repo_id: str, revision: str | None = None, *, suffix: str = "",
+                reading: bool = False) -> Iterator[None]:
+    """Turn any exception from a Hub call into one redacted ClawError line.
+
+    The original exception is not chained (``from None``): a careless server may have echoed a
+    credential into it, and ``--debug`` prints chained tracebacks.
+    """
     try:
         yield
     except ClawError:
         raise
     except Exception as err:  # huggingface_hub, httpx2 and OS errors: all become one line
-        raise ClawError(redact(_explain(err, action, repo_id, revision) + suffix)) from None
+        raise ClawError(redact(_explain(err, action, repo_id, revision, reading) + suffix)) from None
 
 
 def repo_id_problem(repo_id: str) -> str | None:
@@ -261,7 +271,7 @@ def resolve_source(src: str, allow_patterns: list[str] | None = None) -> tuple[P
 
     api = HfApi(library_name="clawconvert", library_version=__version__)
     action = f"cannot read {src}"
-    with _hub_errors(action, repo_id, revision):
+    with _hub_errors(action, repo_id, revision, reading=True):
         resolved = api.resolve_revision(repo_id, revision=revision)
         commit = resolved.resolved
         patterns = allow_patterns
@@ -525,5 +535,4 @@ def maybe_push(args: argparse.Namespace, out_dir: Path) -> None:
     if not repo_id:
         return
     push(out_dir, repo_id, private=bool(getattr(args, "private", False)),
-         quiet=bool(getattr(args, "quiet", False)),
-         echo=lambda line: print(line, file=sys.stdout, flush=True))
+         quiet=bool(getattr(args, "quiet", False)))

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from clawconvert import __version__
 from clawconvert.cli import main
 from clawconvert.errors import ClawError
-from clawconvert.hub import plan_push, resolve_source, select_checkpoint_files
+from clawconvert.hub import plan_push, push, resolve_source, select_checkpoint_files
 from clawconvert.modelcard import build_card
 from clawconvert.provenance import MANIFEST, write_manifest
 from hub_server import FakeHub
@@ -296,6 +296,13 @@ def test_wrong_token_gives_one_line_and_never_leaks(hub, tmp_path, capsys, monke
     assert snapshot(out) == before
 
 
+def test_no_token_says_how_to_log_in(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    rc, _, err = run_cli(capsys, "push", make_output(tmp_path / "out"), "alice/anon", "--quiet")
+    assert rc == 2
+    assert_one_error_line(err, "401", "no token found: set HF_TOKEN or run `hf auth login`")
+
+
 def test_no_write_access_is_a_403_line(hub, tmp_path, capsys):
     out = make_output(tmp_path / "out")
     rc, stdout, err = run_cli(capsys, "push", out, "someone-else/model", "--quiet")
@@ -404,7 +411,7 @@ def test_resolve_source_pins_revision_and_downloads_only_what_is_needed(hub):
     assert resolve_source("local/dir") == (Path("local/dir"), {})
 
 
-def test_offline_mode_serves_the_cache_and_says_so_when_it_cannot(hub, monkeypatch):
+def test_offline_mode_serves_the_cache_and_says_so_when_it_cannot(hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     sha = hub.create_repo("org/cached", {"config.json": b"{}", "model.safetensors": b"w" * 64})
@@ -417,8 +424,12 @@ def test_offline_mode_serves_the_cache_and_says_so_when_it_cannot(hub, monkeypat
 
     assert offline == online and info["hub_revision"] == sha
     assert hub.requests == []
-    with pytest.raises(ClawError, match="cannot resolve revision 'main'.*local cache"):
+    with pytest.raises(ClawError, match="HF_HUB_OFFLINE is set and the local Hugging Face cache has no "
+                                        "complete copy of org/never-downloaded@main"):
         resolve_source("hf-hub:org/never-downloaded")
+    with pytest.raises(ClawError, match="HF_HUB_OFFLINE is set; unset it"):
+        push(make_output(tmp_path / "out"), "org/cached", quiet=True)
+    assert hub.requests == []
 
 
 def test_select_checkpoint_files_prefers_safetensors():
