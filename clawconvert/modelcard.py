@@ -45,6 +45,7 @@ ZERO_SHOT = "zero-shot-image-classification"
 IMAGE_FEATURES = "image-feature-extraction"
 TEXT_FEATURES = "feature-extraction"
 IMAGE_TEXT_TO_TEXT = "image-text-to-text"
+TEXT_GENERATION = "text-generation"
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -73,6 +74,40 @@ def library_name(manifest: Mapping[str, Any] | None, files: Iterable[str] = ()) 
     return None
 
 
+def _classes(manifest: Mapping[str, Any] | None) -> list[str]:
+    """Model classes of the output: ``target.classes`` (convert) or ``target.architecture`` (merge-lora)."""
+    target = _get(manifest, "target")
+    found = _get(target, "classes") or []
+    found = [found] if isinstance(found, str) else list(found) if isinstance(found, (list, tuple)) else []
+    arch = _get(target, "architecture")
+    if isinstance(arch, str):
+        found.append(arch)
+    return [c for c in found if isinstance(c, str)]
+
+
+def _inputs(manifest: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    """The sources by role: ``{"": source}`` for one source, ``{"base": ..., "adapter": ...}`` for
+    commands with several inputs (merge-lora records each under ``source``)."""
+    source = _get(manifest, "source")
+    if not isinstance(source, Mapping):
+        return {}
+    nested = {role: sub for role, sub in source.items() if isinstance(sub, Mapping)}
+    return nested if nested and not _get(source, "format") else {"": source}
+
+
+def _hub_base(manifest: Mapping[str, Any] | None) -> str | None:
+    """The Hub repo this output derives from: the source's, or the base model's for a merge."""
+    explicit = _get(manifest, "base_model")
+    if isinstance(explicit, str):
+        return explicit
+    inputs = _inputs(manifest)
+    for role in ("", "base"):
+        repo = _get(inputs.get(role), "hub_repo")
+        if isinstance(repo, str):
+            return repo
+    return None
+
+
 def _subcommand(manifest: Mapping[str, Any] | None) -> str | None:
     """``extract-visual`` from a recorded command line such as ``clawconvert extract-visual ...``.
 
@@ -93,10 +128,12 @@ def pipeline_tag(manifest: Mapping[str, Any] | None) -> str | None:
     target = _get(manifest, "target") or {}
     family = str(_get(target, "family") or _get(_get(manifest, "source"), "family") or "").lower()
     tower = str(_get(target, "tower") or "").lower()
-    classes = " ".join(str(c) for c in (_get(target, "classes") or []))
+    classes = " ".join(_classes(manifest))
     command = _subcommand(manifest) or ""
     if "llava" in family or "Llava" in classes:
         return IMAGE_TEXT_TO_TEXT
+    if "ForCausalLM" in classes:
+        return TEXT_GENERATION
     if command == "extract-visual" or tower in ("visual", "vision", "image") or "VisionModel" in classes:
         return IMAGE_FEATURES
     if command == "extract-text" or tower == "text" or "TextModel" in classes:
@@ -115,11 +152,12 @@ def card_metadata(manifest: Mapping[str, Any] | None, files: Iterable[str] = ())
     lib = library_name(manifest, files)
     if lib:
         meta["library_name"] = lib
-    base = _get(manifest, "base_model") or _get(source, "hub_repo")
-    if isinstance(base, str):
+    base = _hub_base(manifest)
+    if base:
         meta["base_model"] = base
     tags = ["clawconvert"]
-    for value in (_get(target, "family") or _get(source, "family"), _get(source, "format")):
+    for value in (_get(target, "family") or _get(source, "family"), _get(source, "format"),
+                  "lora" if "adapter" in _inputs(manifest) else None):
         if isinstance(value, str) and value.lower() not in tags:
             tags.append(value.lower())
     meta["tags"] = tags
@@ -180,6 +218,12 @@ def _summary(manifest: Mapping[str, Any] | None, lib: str | None) -> str:
     if manifest is None:
         return ("Uploaded with clawconvert. The directory carried no `clawconvert_manifest.json`, "
                 "so its provenance is not recorded.")
+    inputs = _inputs(manifest)
+    if "adapter" in inputs:
+        arch = next(iter(_classes(manifest)), "Model")
+        base, adapter = _source_text(inputs.get("base") or {}), _source_text(inputs["adapter"])
+        return (f"{arch} with the LoRA adapter {adapter or '(not recorded)'} merged into "
+                f"{base or '(not recorded)'} by clawconvert {version}.")
     parts = [what]
     if src_name:
         parts.append(f"converted from {src_name}")
@@ -191,8 +235,7 @@ def _summary(manifest: Mapping[str, Any] | None, lib: str | None) -> str:
 def _how_to_load(lib: str | None, repo_id: str, manifest: Mapping[str, Any] | None,
                  files: Sequence[str]) -> list[str]:
     names = {f.rsplit("/", 1)[-1] for f in files}
-    classes = _get(_get(manifest, "target"), "classes") or []
-    cls = next((c for c in classes if isinstance(c, str) and _IDENTIFIER.fullmatch(c)), "AutoModel")
+    cls = next((c for c in _classes(manifest) if _IDENTIFIER.fullmatch(c)), "AutoModel")
     lines: list[str] = []
     if lib == "transformers":
         lines += ["```python", f"from transformers import {cls}"
@@ -234,13 +277,17 @@ def build_card(manifest: Mapping[str, Any] | None, repo_id: str, files: Sequence
         return "\n".join(out) + "\n"
 
     out += ["", "## Provenance", "", "| | |", "|---|---|"]
-    rows: list[tuple[str, Any]] = [
-        ("Source", _source_text(source)),
-        ("Source format", _get(source, "format")),
-        ("Source family", _get(source, "family")),
-        ("Source fingerprint", f"`{_get(source, 'fingerprint')}`" if _get(source, "fingerprint") else None),
+    rows: list[tuple[str, Any]] = []
+    for role, sub in _inputs(manifest).items():
+        label = f"Source ({role})" if role else "Source"
+        fingerprint = _get(sub, "fingerprint")
+        rows += [(label, _source_text(sub)),
+                 (f"{label} format", _get(sub, "format")),
+                 (f"{label} family", _get(sub, "family")),
+                 (f"{label} fingerprint", f"`{fingerprint}`" if fingerprint else None)]
+    rows += [
         ("Target format", _get(target, "format")),
-        ("Target classes", _get(target, "classes")),
+        ("Target classes", _classes(manifest) or None),
         ("dtype", _get(manifest, "dtype")),
         ("License (from the source)", _get(manifest, "license") or _get(source, "license")),
         ("clawconvert version", _get(manifest, "version")),
@@ -249,12 +296,11 @@ def build_card(manifest: Mapping[str, Any] | None, repo_id: str, files: Sequence
     out += [f"| {name} | {_fmt(value)} |" for name, value in rows if value is not None]
 
     tables = [t for t in (_get(manifest, "tables") or []) if isinstance(t, Mapping)]
-    out += ["", "### Mapping tables", ""]
     if tables:
-        out += ["| Table | sha256 |", "|---|---|"]
+        out += ["", "### Mapping tables", "", "| Table | sha256 |", "|---|---|"]
         out += [f"| `{_fmt(t.get('name', '?'))}` | `{_fmt(t.get('sha256', '?'))}` |" for t in tables]
-    else:
-        out.append("No mapping table recorded.")
+    elif _get(manifest, "merge") is None:  # a conversion without its tables recorded
+        out += ["", "### Mapping tables", "", "No mapping table recorded."]
 
     out += ["", "### Verification", ""]
     verify = _get(manifest, "verify")
@@ -264,6 +310,15 @@ def build_card(manifest: Mapping[str, Any] | None, repo_id: str, files: Sequence
         out += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in _flatten(verify)]
     else:
         out.append("Not verified: the command ran without `--verify`.")
+
+    merge = _get(manifest, "merge")
+    if isinstance(merge, Mapping):
+        out += ["", "### Merge", "", "| | |", "|---|---|"]
+        out += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in _flatten(merge)]
+
+    notes = _get(manifest, "notes")
+    if isinstance(notes, (list, tuple)):
+        out += ["", "### Notes", ""] + [f"- {_fmt(n)}" for n in notes]
 
     hashes = _get(manifest, "files")
     if isinstance(hashes, Mapping):

@@ -473,6 +473,29 @@ def test_card_picks_pipeline_and_library_from_what_was_made():
     assert "base_model" not in local and "license" not in local
 
 
+def test_card_for_a_lora_merge_names_base_and_adapter():
+    manifest = {
+        "version": __version__, "command": "clawconvert merge-lora hf-hub:org/base hf-hub:me/lora out",
+        "source": {"base": {"path": "hf-hub:org/base", "fingerprint": "b" * 64, "hub_repo": "org/base",
+                            "hub_revision": "c" * 40},
+                   "adapter": {"path": "hf-hub:me/lora", "hub_repo": "me/lora", "hub_revision": "d" * 40,
+                               "config": {"r": 8}}},
+        "target": {"format": "hf", "architecture": "LlavaForConditionalGeneration"},
+        "dtype": "bf16", "merge": {"modules": 56, "tie": "none", "copied_from_base": ["tokenizer.json"]},
+        "notes": ["lm_head tied to embed_tokens: delta added once"],
+    }
+    card = build_card(manifest, "me/merged", ["config.json", "model.safetensors"])
+    meta = front_matter(card)
+    assert meta["base_model"] == "org/base" and meta["pipeline_tag"] == "image-text-to-text"
+    assert "lora" in meta["tags"] and meta["library_name"] == "transformers"
+    assert "LoRA adapter `hf-hub:me/lora` at revision `" + "d" * 40 + "` merged into `hf-hub:org/base`" in card
+    assert "| Source (base) fingerprint | `" + "b" * 64 + "` |" in card
+    assert "| modules | 56 |" in card and "| copied_from_base | tokenizer.json |" in card
+    assert "- lm_head tied to embed_tokens: delta added once" in card
+    assert 'LlavaForConditionalGeneration.from_pretrained("me/merged")' in card
+    assert "Mapping tables" not in card
+
+
 def test_token_typed_into_a_command_line_is_redacted_from_the_card(hub, tmp_path, capsys):
     out = make_output(tmp_path / "out", command=f"clawconvert convert src out --to hf # {GOOD_TOKEN}")
     rc, stdout, err = run_cli(capsys, "push", out, "alice/redact", "--quiet")
