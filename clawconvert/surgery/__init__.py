@@ -1,1 +1,1 @@
-"""Checkpoint surgery: tower extraction, LoRA merge, LLaVA assembly."""
+"""Checkpoint surgery: LoRA merging (:mod:`.lora`, :mod:`.merge`) and LLaVA assembly (:mod:`.llava`)."""

@@ -1,0 +1,417 @@
+"""``clawconvert merge-lora``: PEFT LoRA adapter (+ connector + vision tower) -> merged HF checkpoint, streamed.
+
+:func:`merge_lora` is the Python API; ``register`` adds the command.  The merge itself lives
+in :mod:`clawconvert.surgery` (``lora``: adapter and arithmetic, ``merge``: plan and stream,
+``llava``: connector, vision tower, LLaVA config and processor).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ClawError
+from ..hub import add_push_option, maybe_push, resolve_source
+from ..io.atomic import atomic_output_dir
+from ..io.dtypes import CLI_DTYPES, output_dtype
+from ..io.readers import TensorStore, open_tensors
+from ..io.writers import SafetensorsWriter, parse_size
+from ..provenance import source_fingerprint, write_manifest
+from ..surgery import llava
+from ..surgery.lora import Adapter
+from ..surgery.merge import MergePlan, OutTensor, canonical, plan_merge, write_merged
+from .common import add_output_options
+
+ORDER = 40
+
+HELP = "merge a PEFT LoRA adapter into its base model, or assemble a runnable HF LLaVA from LoRA + connector + vision tower"
+DESCRIPTION = """\
+Merge the PEFT LoRA adapter ADAPTER into the Hugging Face model BASE and write the result
+to the directory OUT, streaming tensor by tensor: resident memory stays near one base tensor
+(plus the adapter's factors), never the whole model, and output shards are written as they
+fill.
+
+BASE is an HF causal LM directory (llama, qwen2, mistral, gemma, ...) or an HF LLaVA
+directory; ADAPTER a PEFT directory (adapter_config.json + adapter_model.safetensors or
+.bin).  The merge is PEFT's own arithmetic, computed in float32 and cast once: scale
+alpha/r (alpha/sqrt(r) with use_rslora), rank_pattern / alpha_pattern, fan_in_fan_out,
+lora_bias, DoRA magnitudes, LoRA on embeddings; modules_to_save, trained biases and saved
+embeddings replace the base's tensors.  Adapters saved under transformers 4 and 5 module
+names (language_model.model.* / model.language_model.*) both fit.
+
+Tied input/output embeddings: the output reproduces the unmerged PEFT model.  When the
+adapter changes both sides the same way (peft's ensure_weight_tying) the tie is kept and
+the change is applied once (peft's own merge_and_unload gives W + 2*delta there).  When
+only one side changes (say a LoRA on embed_tokens), the head is written as its own tensor
+and tie_word_embeddings is set to false.  The command prints which it did.
+
+Without --vision, OUT is the merged model in BASE's own architecture, with BASE's
+tokenizer and other files copied.
+
+With --vision and a connector, OUT is an HF LlavaForConditionalGeneration directory:
+  * weights: vision_tower.vision_model.*, multi_modal_projector.linear_{1,2}.*,
+    language_model.model.*, language_model.lm_head.weight (when untied) -- the llava-hf
+    layout that transformers 4.x and 5.x and vLLM load;
+  * the connector is Linear-GELU-Linear, from --connector (an nn.Sequential state dict
+    such as other_params.bin holding feature_proj.state_dict(), LLaVA's mm_projector.bin /
+    non_lora_trainables.bin, or HF multi_modal_projector.*) or from the adapter's
+    modules_to_save;
+  * the image token (--image-token) is added to the tokenizer as one special token; if its
+    id is past the embedding rows, embed_tokens (and an untied lm_head) grow, new rows at
+    the mean row;
+  * config.json: image_token_index = that id, vision_feature_layer (default -1: the last
+    layer's hidden state), vision_feature_select_strategy ('default' drops CLS: CLIP;
+    'full': SigLIP), image_seq_length, projector_hidden_act gelu;
+  * a LlavaProcessor (image processor, tokenizer, chat template) that AutoProcessor loads
+    and that expands each <image> to one token per image feature.
+
+Bad input -- adapter shapes that do not fit BASE, target modules BASE lacks, a connector
+whose widths do not match the vision tower or the LLM, an unknown connector layout -- stops
+with one line naming the tensor, before anything is written.  Sources are never modified."""
+
+EPILOG = """\
+examples:
+  clawconvert merge-lora Qwen2-0.5B my-lora out/merged --dtype bf16
+  clawconvert merge-lora Qwen2-0.5B my-lora out/llava --vision clip-vit-large-patch14 \\
+      --connector other_params.bin
+  clawconvert merge-lora llava-1.5-7b-hf my-llava-lora out/llava-merged
+  clawconvert merge-lora hf-hub:Qwen/Qwen2-0.5B hf-hub:me/qwen-lora out/merged --push-to me/qwen-merged"""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".gguf", ".h5", ".msgpack", ".onnx")
+CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+@dataclass
+class MergeResult:
+    destination: Path
+    architecture: str
+    tensors: int
+    bytes: int
+    files: list[str]
+    tie: dict
+    notes: list[str] = field(default_factory=list)
+    merge: dict = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        assert isinstance(data, dict)
+        return data
+    except FileNotFoundError:
+        raise ClawError(f"{path.parent}: no {path.name} (expected a Hugging Face model directory)") from None
+    except Exception as e:
+        raise ClawError(f"{path}: not valid JSON ({e.__class__.__name__})") from e
+
+
+def _effective_tie(base: Path) -> bool:
+    """tie_word_embeddings as transformers applies it, class defaults included."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(base))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+        raise ClawError(f"{base}: transformers cannot read its config.json ({first})") from e
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _set_dtype(config: dict, name: str | None) -> None:
+    if name is None:
+        return
+    keys = [k for k in CONFIG_DTYPE_KEYS if k in config] or ["dtype"]
+    for k in keys:
+        config[k] = name
+
+
+def _copy_side_files(base: Path, out: Path, keep: tuple[str, ...] | None = None) -> list[str]:
+    """BASE's non-weight top-level files (tokenizer, generation config, license...), or only ``keep``."""
+    copied = []
+    for f in sorted(base.iterdir()):
+        if not f.is_file() or f.name == "config.json" or f.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
+            continue
+        if f.name.startswith("clawconvert_manifest") or (keep is not None and f.name not in keep
+                                                       and not f.name.upper().startswith(("LICENSE", "NOTICE"))):
+            continue
+        shutil.copyfile(f, out / f.name)
+        copied.append(f.name)
+    return copied
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connector: str | Path | None = None,
+               vision: str | Path | None = None, dtype: str = "keep", image_token: str = "<image>",
+               vision_feature_layer: int = -1, vision_feature_select_strategy: str | None = None,
+               chat_template: str | Path | None = None, max_shard_size: str | int = "5GB",
+               overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = False) -> MergeResult:
+    """Merge ``adapter`` into ``base`` (and assemble a LLaVA with ``vision``); see ``merge-lora --help``."""
+    if dtype not in CLI_DTYPES:
+        raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
+    out_dtype = CLI_DTYPES[dtype]
+    base_path, base_hub = resolve_source(str(base))
+    adapter_path, adapter_hub = resolve_source(str(adapter))
+    vision_path, vision_hub = resolve_source(str(vision)) if vision is not None else (None, {})
+    if not base_path.is_dir():
+        raise ClawError(f"{base_path}: BASE must be a Hugging Face model directory")
+    base_config = _read_json(base_path / "config.json")
+    is_llava = base_config.get("model_type") == "llava"
+    if is_llava and (vision is not None or connector is not None):
+        raise ClawError(f"{base_path}: BASE is already a LLaVA model; --vision and --connector build one from a "
+                        f"causal LM")
+    if connector is not None and vision is None:
+        raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
+    text_config = dict(base_config["text_config"] if is_llava else base_config)
+    tied = _effective_tie(base_path)
+    adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle)
+    base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
+    notes: list[str] = []
+
+    assembly = None
+    extra_rows = 0
+    if vision is not None:
+        assembly = _Assembly(base_path, vision_path, image_token, vision_feature_layer,
+                             vision_feature_select_strategy, chat_template, unsafe_pickle)
+        vocab_rows = _embedding_rows(base_store)
+        extra_rows = max(0, assembly.image_token_index + 1 - vocab_rows)
+    plan = plan_merge(base_store, adapter_obj, tied=tied, model_type=str(text_config.get("model_type", "")),
+                      dtype=out_dtype, extra_rows=extra_rows)
+
+    leftovers = dict(plan.leftovers)
+    if assembly is not None:
+        conn = llava.open_connector(connector, unsafe_pickle) if connector is not None else None
+        in_adapter = llava.detect_connector(adapter_obj.store, leftovers.values(), f"{adapter_path} (modules_to_save)")
+        if in_adapter is not None:
+            for role in in_adapter.tensors:
+                leftovers = {p: k for p, k in leftovers.items() if k != in_adapter.key(role)}
+            if conn is not None:
+                notes.append(f"the adapter also stores a connector ({in_adapter.key('linear_1.weight')}, ...); "
+                             f"used --connector {connector} instead")
+        conn = conn or in_adapter
+        if conn is None:
+            raise ClawError(f"--vision needs a connector: pass --connector FILE (the adapter's modules_to_save "
+                            f"holds none)")
+        assembly.connector = conn
+    if leftovers:
+        path, key = next(iter(leftovers.items()))
+        hint = ""
+        if llava.detect_connector(adapter_obj.store, leftovers.values(), str(adapter_path)) is not None:
+            hint = "; it looks like a connector: pass --vision to assemble a LLaVA model"
+        raise ClawError(f"adapter tensor '{key}' has no counterpart '{path}' in BASE {base_path}{hint}",
+                        details=[f"adapter tensor '{k}' has no counterpart '{p}'" for p, k in
+                                 list(leftovers.items())[1:]])
+
+    # output config
+    if plan.untied:
+        text_config["tie_word_embeddings"] = False
+    elif tied:
+        text_config["tie_word_embeddings"] = True
+    if extra_rows:
+        text_config["vocab_size"] = _embedding_rows(base_store) + extra_rows
+    lm_dtype = _dtype_name(out_dtype) or next((text_config[k] for k in CONFIG_DTYPE_KEYS if k in text_config), None)
+    _set_dtype(text_config, _dtype_name(out_dtype))
+
+    if assembly is not None:
+        tensors, extra = assembly.plan(plan, text_config, out_dtype)
+        config = assembly.config(text_config, lm_dtype)
+        architecture = "LlavaForConditionalGeneration"
+    else:
+        tensors, extra = plan.tensors, []
+        config = dict(base_config)
+        if is_llava:
+            config["text_config"] = text_config
+            if plan.untied:
+                config["tie_word_embeddings"] = False
+            _set_dtype(config, _dtype_name(out_dtype))
+        else:
+            config = text_config
+        architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
+
+    writer_plan = [(t.name, t.shape, t.dtype) for t in tensors] + [(n, s, d) for n, s, d, _ in extra]
+    sources = tuple(p for p in (base_path, adapter_path, vision_path,
+                                Path(connector) if connector is not None else None) if p is not None)
+    with atomic_output_dir(out, overwrite=overwrite, sources=sources) as tmp:
+        writer = SafetensorsWriter(tmp, writer_plan, max_shard_size=parse_size(max_shard_size))
+        try:
+            write_merged(tensors, base_store, adapter_obj, writer, _progress(progress, len(writer_plan)))
+            for name, _, _, read in extra:
+                writer.write(name, read())
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if assembly is not None:
+            config.save_pretrained(str(tmp))
+            notes += assembly.write_processor(tmp)
+            copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
+        else:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            copied = _copy_side_files(base_path, tmp)
+            if not any(f in copied for f in TOKENIZER_FILES):
+                notes.append(f"{base_path} has no tokenizer files; none copied")
+        merge_record = {**plan.summary, "tie": plan.tie, "extra_embedding_rows": extra_rows,
+                        "copied_from_base": copied}
+        if assembly is not None:
+            merge_record["llava"] = assembly.record()
+        write_manifest(tmp, {
+            "source": {
+                "base": {"path": str(base), "fingerprint": source_fingerprint(base_path), **base_hub},
+                "adapter": {"path": str(adapter), "fingerprint": source_fingerprint(adapter_path), **adapter_hub,
+                            "config": adapter_obj.raw_config},
+                **({"vision": {"path": str(vision), "fingerprint": source_fingerprint(vision_path), **vision_hub}}
+                   if vision_path else {}),
+                **({"connector": {"path": str(connector), "fingerprint": source_fingerprint(Path(connector))}}
+                   if connector is not None else {}),
+            },
+            "target": {"format": "hf", "architecture": architecture},
+            "dtype": dtype,
+            "merge": merge_record,
+            "notes": notes,
+        })
+        dest = Path(out).absolute()
+    return MergeResult(dest, architecture, len(writer_plan), writer.total_size, [f.name for f in files],
+                       plan.tie, notes, merge_record)
+
+
+def _embedding_rows(base: TensorStore) -> int:
+    for key in base.keys():
+        if canonical(key) == "model.embed_tokens.weight":
+            return base.info(key).shape[0]
+    raise ClawError(f"{base.path}: no embed_tokens.weight; LLaVA assembly supports llama-style language models "
+                    f"(llama, qwen2, mistral, gemma)")
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return lambda it: tqdm(it, total=total, desc="merge-lora", unit="tensor", leave=False, dynamic_ncols=True)
+
+
+class _Assembly:
+    """The LLaVA side of a merge: vision tower, connector, tokenizer with the image token, processor."""
+
+    def __init__(self, base: Path, vision: Path, image_token: str, feature_layer: int, strategy: str | None,
+                 chat_template: str | Path | None, unsafe_pickle: bool):
+        self.vision_path = vision
+        self.vision, self.vision_config = llava.vision_tower_source(vision, unsafe_pickle)
+        family_default = "default" if llava.num_additional_tokens(self.vision_config) else "full"
+        self.strategy = strategy or family_default
+        self.feature_layer = feature_layer
+        self.image_token = image_token
+        self.tokenizer = llava.load_tokenizer(base)
+        self.image_token_index, self.token_added = llava.add_image_token(self.tokenizer, image_token)
+        self.chat_template, self.template_origin = llava.choose_chat_template(
+            self.tokenizer, Path(chat_template) if chat_template is not None else None)
+        self.image_seq_length = llava.image_token_count(self.vision_config, self.strategy)
+        self.connector: llava.Connector | None = None
+        self.projector_bias = True
+
+    def plan(self, plan: MergePlan, text_config: dict, dtype: torch.dtype | None):
+        """LM tensors renamed to the llava-hf layout, plus vision and connector tensors (read lazily)."""
+        for t in plan.tensors:
+            t.name = llava.llava_name(t.canonical)
+        llava.check_connector(self.connector, int(self.vision_config["hidden_size"]), int(text_config["hidden_size"]))
+        self.projector_bias = self.connector.bias
+        extra = []
+        for key in self.vision.keys():
+            info = self.vision.info(key)
+            extra.append((f"vision_tower.{key}", info.shape, output_dtype(info.dtype, dtype),
+                          lambda s=self.vision, k=key: s.read(k)))
+        for role, (store, key) in self.connector.tensors.items():
+            info = store.info(key)
+            extra.append((f"multi_modal_projector.{role}", info.shape, output_dtype(info.dtype, dtype),
+                          lambda s=store, k=key: s.read(k)))
+        return plan.tensors, extra
+
+    def config(self, text_config: dict, dtype_name: str | None):
+        text = {k: v for k, v in text_config.items()
+                if k not in ("architectures", "transformers_version", "_name_or_path")}
+        return llava.llava_config(text, self.vision_config, image_token_index=self.image_token_index,
+                                  image_seq_length=self.image_seq_length, vision_feature_layer=self.feature_layer,
+                                  strategy=self.strategy, projector_bias=self.projector_bias, dtype=dtype_name)
+
+    def write_processor(self, out: Path) -> list[str]:
+        from transformers import LlavaProcessor
+
+        image_processor, origin = llava.image_processor_for(self.vision_path, self.vision_config)
+        self.image_processor_origin = origin
+        self.tokenizer.chat_template = self.chat_template
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=self.tokenizer,
+            patch_size=int(self.vision_config.get("patch_size", 16)),
+            vision_feature_select_strategy=self.strategy, chat_template=self.chat_template,
+            image_token=self.image_token,
+            num_additional_image_tokens=llava.num_additional_tokens(self.vision_config))
+        processor.save_pretrained(str(out))
+        return [f"image processor: {origin}", f"chat template: {self.template_origin}"]
+
+    def record(self) -> dict:
+        return {"image_token": self.image_token, "image_token_index": self.image_token_index,
+                "image_token_added": self.token_added, "image_seq_length": self.image_seq_length,
+                "vision_feature_layer": self.feature_layer, "vision_feature_select_strategy": self.strategy,
+                "connector": {"origin": self.connector.origin, "layout": self.connector.layout},
+                "vision_config_model_type": self.vision_config["model_type"],
+                "chat_template": self.template_origin,
+                "image_processor": getattr(self, "image_processor_origin", None)}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("merge-lora", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="HF causal LM or LLaVA directory (or hf-hub:org/name)")
+    p.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter directory (or hf-hub:org/name)")
+    p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
+    g = p.add_argument_group("LLaVA assembly")
+    g.add_argument("--vision", metavar="SRC",
+                   help="vision tower: an HF CLIPModel/SiglipModel or CLIPVisionModel/SiglipVisionModel directory; "
+                        "makes OUT an HF LlavaForConditionalGeneration")
+    g.add_argument("--connector", metavar="FILE",
+                   help="Linear-GELU-Linear connector weights (.bin/.pt/.safetensors): nn.Sequential '0.*, 2.*', "
+                        "LLaVA 'mm_projector.{0,2}.*' or HF 'multi_modal_projector.linear_{1,2}.*' "
+                        "(default: the adapter's modules_to_save)")
+    g.add_argument("--image-token", default="<image>", metavar="TOKEN",
+                   help="image placeholder token, added to the tokenizer when missing (default: <image>)")
+    g.add_argument("--vision-feature-layer", type=int, default=-1, metavar="N",
+                   help="vision hidden state fed to the connector (default: -1, the last layer)")
+    g.add_argument("--vision-feature-select-strategy", choices=["default", "full"], default=None,
+                   help="'default' drops the CLS token, 'full' keeps all (default: 'default' for CLIP, "
+                        "'full' for SigLIP)")
+    g.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template for the processor (default: a built-in one with image items, "
+                        "ChatML when the tokenizer has <|im_start|>)")
+    add_output_options(p)
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="load .bin/.pt files without weights_only (runs code from the file: trusted files only)")
+    add_push_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = merge_lora(
+        args.base, args.adapter, args.out, connector=args.connector, vision=args.vision, dtype=args.dtype,
+        image_token=args.image_token, vision_feature_layer=args.vision_feature_layer,
+        vision_feature_select_strategy=args.vision_feature_select_strategy, chat_template=args.chat_template,
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle,
+        progress=not args.quiet and sys.stderr.isatty())
+    m = result.merge
+    print(f"wrote {result.destination} ({result.architecture}): {result.tensors} tensors, "
+          f"{result.bytes / 1e6:.1f} MB in {', '.join(result.files)}")
+    print(f"merged {m['lora_modules']} LoRA modules (scales {m['scales']}; DoRA {m['dora_modules']}, "
+          f"embedding {m['embedding_modules']}), {len(m['replaced_from_adapter'])} tensors taken from the adapter")
+    if result.tie.get("tied"):
+        print(result.tie["detail"])
+    for note in result.notes:
+        print(f"note: {note}")
+    maybe_push(args, result.destination)
+    return 0

@@ -1,0 +1,210 @@
+"""merge-lora --vision: a classic research VLM becomes an HF LLaVA that gives the same logits.
+
+The classic pipeline is run by hand here (vision last hidden state without CLS -> feature_proj
+-> spliced into the LLM's input embeddings at the image-token positions -> the unmerged PEFT
+LLM) and compared with ``LlavaForConditionalGeneration`` + ``AutoProcessor`` loaded from OUT.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from test_merge_lora import ALL_LINEAR, make_adapter, make_base, run_cli, tree_hash, write_tokenizer  # noqa: E402
+
+from clawconvert.surgery.llava import vision_tower_source  # noqa: E402
+
+TOL = 1e-4
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8, hidden_act="gelu")
+LLM_HIDDEN, VOCAB = 48, 64
+
+
+def feature_proj(vision_hidden=32, llm_hidden=LLM_HIDDEN, seed=3) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(vision_hidden, llm_hidden), torch.nn.GELU(),
+                               torch.nn.Linear(llm_hidden, llm_hidden))
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """Tiny CLIP tower + feature_proj (other_params.bin) + Qwen2 with a LoRA adapter."""
+    work = tmp_path_factory.mktemp("llava")
+    base = make_base(work / "qwen2", "qwen2", hidden_size=LLM_HIDDEN, intermediate_size=96,
+                     tie_word_embeddings=True)
+    write_tokenizer(base, vocab=VOCAB)                 # full vocabulary: <image> needs a new row
+    adapter = make_adapter(base, work / "lora", target_modules=ALL_LINEAR)
+    torch.manual_seed(1)
+    vision = work / "clip-vision"
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(vision)
+    proj = feature_proj()
+    torch.save(proj.state_dict(), work / "other_params.bin")
+    out = work / "llava"
+    before = [tree_hash(p) for p in (base, adapter, vision)]
+    assert run_cli(base, adapter, out, "--vision", vision, "--connector", work / "other_params.bin") == 0
+    assert [tree_hash(p) for p in (base, adapter, vision)] == before
+    return work, base, adapter, vision, proj, out
+
+
+def _image(seed=0):
+    from PIL import Image
+    return Image.fromarray((np.random.RandomState(seed).rand(40, 52, 3) * 255).astype("uint8"))
+
+
+def _classic_logits(base, adapter, vision, proj, input_ids, pixel_values, image_token_index):
+    tower = transformers.CLIPVisionModel.from_pretrained(vision).eval()
+    llm = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = peft.PeftModel.from_pretrained(llm, adapter).eval()
+    with torch.no_grad():
+        features = proj(tower(pixel_values).last_hidden_state[:, 1:])          # drop CLS
+        mask = input_ids == image_token_index
+        embeds = llm.get_input_embeddings()(input_ids.masked_fill(mask, 0))
+        embeds[mask] = features.reshape(-1, features.shape[-1])
+        return llm(inputs_embeds=embeds).logits
+
+
+def test_classic_vlm_and_merged_llava_give_the_same_logits(vlm):
+    work, base, adapter, vision, proj, out = vlm
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    model.eval()
+    config = model.config
+    assert config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>") == VOCAB
+    assert config.vision_feature_layer == -1 and config.vision_feature_select_strategy == "default"
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.count("<image>") == 1 and prompt.startswith("<|im_start|>user")
+    inputs = processor(images=_image(), text=prompt, return_tensors="pt")
+    n_patches = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    assert (inputs.input_ids == config.image_token_index).sum() == n_patches == config.image_seq_length
+    with torch.no_grad():
+        merged = model(**inputs).logits
+    classic = _classic_logits(base, adapter, vision, proj, inputs.input_ids, inputs.pixel_values,
+                              config.image_token_index)
+    diff = (merged[..., :VOCAB] - classic).abs().max().item()
+    print(f"classic VLM vs merged LLaVA: max logit diff {diff:.2e} over {classic.numel()} logits")
+    assert diff < TOL
+
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, inputs.input_ids.shape[1] + 4)
+
+
+def test_new_embedding_row_is_the_mean_and_the_tie_is_kept(vlm):
+    *_, out = vlm
+    from safetensors.torch import load_file
+    weights = load_file(out / "model.safetensors")
+    embed = weights["language_model.model.embed_tokens.weight"]
+    assert embed.shape == (VOCAB + 1, LLM_HIDDEN)
+    torch.testing.assert_close(embed[VOCAB], embed[:VOCAB].mean(0), rtol=0, atol=1e-7)
+    assert "language_model.lm_head.weight" not in weights     # still tied to embed_tokens
+    assert any(k.startswith("vision_tower.vision_model.encoder.layers.") for k in weights)
+    assert {k for k in weights if k.startswith("multi_modal_projector.")} == {
+        f"multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == VOCAB + 1 and config["tie_word_embeddings"] is True
+    manifest = json.loads((out / "clawconvert_manifest.json").read_text())
+    assert manifest["merge"]["extra_embedding_rows"] == 1
+    assert manifest["merge"]["llava"]["connector"]["layout"] == "nn.Sequential"
+
+
+def test_connector_from_adapter_modules_to_save_in_llava_layout(vlm):
+    """An adapter that carries the connector (LLaVA's model.mm_projector.{0,2}) needs no --connector."""
+    from safetensors.torch import load_file, save_file
+    work, base, adapter, vision, proj, _ = vlm
+    with_proj = work / "lora-with-projector"
+    with_proj.mkdir()
+    (with_proj / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors.update({f"base_model.model.model.mm_projector.{k}": v for k, v in proj.state_dict().items()})
+    save_file(tensors, with_proj / "adapter_model.safetensors", metadata={"format": "pt"})
+    out = work / "llava-from-adapter"
+    assert run_cli(base, with_proj, out, "--vision", vision) == 0
+    weights = load_file(out / "model.safetensors")
+    assert torch.equal(weights["multi_modal_projector.linear_1.weight"], proj[0].weight.detach())
+    assert torch.equal(weights["multi_modal_projector.linear_2.bias"], proj[2].bias.detach())
+
+
+def test_siglip_tower_keeps_every_patch(vlm, tmp_path):
+    _, base, adapter, _, _, _ = vlm
+    torch.manual_seed(2)
+    siglip = tmp_path / "siglip"
+    transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)).save_pretrained(siglip)
+    hf_proj = {"multi_modal_projector.linear_1.weight": torch.randn(LLM_HIDDEN, 32),
+               "multi_modal_projector.linear_2.weight": torch.randn(LLM_HIDDEN, LLM_HIDDEN)}
+    from safetensors.torch import save_file
+    save_file(hf_proj, tmp_path / "projector.safetensors")
+    out = tmp_path / "llava-siglip"
+    assert run_cli(base, adapter, out, "--vision", siglip, "--connector", tmp_path / "projector.safetensors") == 0
+    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.vision_feature_select_strategy == "full" and model.config.multimodal_projector_bias is False
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    inputs = processor(images=_image(1), text="<image> what is in this picture", return_tensors="pt")
+    assert (inputs.input_ids == model.config.image_token_index).sum() == 16 == model.config.image_seq_length
+    w1, w2 = hf_proj["multi_modal_projector.linear_1.weight"], hf_proj["multi_modal_projector.linear_2.weight"]
+    with torch.no_grad():
+        tower = transformers.SiglipVisionModel.from_pretrained(siglip).eval()
+        hidden = tower(inputs.pixel_values, output_hidden_states=True).hidden_states[-1][0]   # all 16 patches
+        expected = torch.nn.functional.gelu(hidden @ w1.T) @ w2.T
+        got = model.eval().model.get_image_features(pixel_values=inputs.pixel_values).pooler_output[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+def test_vision_tower_source_takes_the_vision_half_of_a_clip_model(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(vision_config=VISION, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50))
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "clip")
+    store, vision_config = vision_tower_source(tmp_path / "clip")
+    assert vision_config["model_type"] == "clip_vision_model" and vision_config["hidden_size"] == 32
+    reference = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION))
+    want = {"vision_model." + k for k in reference.state_dict()}
+    assert set(store.keys()) == want
+
+
+# ------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------
+def _fails(capsys, out, *args) -> str:
+    capsys.readouterr()
+    rc = run_cli(*args, out)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert not out.exists()
+    return err.splitlines()[0]
+
+
+def test_connector_widths_that_do_not_match(vlm, tmp_path, capsys):
+    _, base, adapter, vision, _, _ = vlm
+    torch.save(feature_proj(vision_hidden=24).state_dict(), tmp_path / "narrow.bin")
+    line = _fails(capsys, tmp_path / "o1", base, adapter, "--vision", vision, "--connector", tmp_path / "narrow.bin")
+    assert "'0.weight'" in line and "(48, 24)" in line and "vision width of 32" in line
+    torch.save(feature_proj(llm_hidden=40).state_dict(), tmp_path / "wrong-llm.bin")
+    line = _fails(capsys, tmp_path / "o2", base, adapter, "--vision", vision, "--connector", tmp_path / "wrong-llm.bin")
+    assert "'0.weight'" in line and "LLM width of 48" in line
+
+
+def test_unknown_connector_layout(vlm, tmp_path, capsys):
+    _, base, adapter, vision, _, _ = vlm
+    torch.save({"proj.weight": torch.zeros(LLM_HIDDEN, 32)}, tmp_path / "single.bin")
+    line = _fails(capsys, tmp_path / "o", base, adapter, "--vision", vision, "--connector", tmp_path / "single.bin")
+    assert "unknown connector layout" in line and "proj.weight" in line
+
+
+def test_vision_without_connector_and_non_vision_source(vlm, tmp_path, capsys):
+    _, base, adapter, vision, _, _ = vlm
+    assert "needs a connector" in _fails(capsys, tmp_path / "o1", base, adapter, "--vision", vision)
+    torch.save(feature_proj().state_dict(), tmp_path / "fp.bin")
+    line = _fails(capsys, tmp_path / "o2", base, adapter, "--vision", base, "--connector", tmp_path / "fp.bin")
+    assert "not an HF CLIP or SigLIP model" in line
