@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import glob
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -357,6 +358,15 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def _architectures(out_dir: Path) -> list[str]:
+    """``architectures`` of the output's transformers config.json, when there is a readable one."""
+    try:
+        value = json.loads((out_dir / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
+
+
 def plan_push(out_dir: str | os.PathLike, repo_id: str, *, revision: str | None = None) -> PushPlan:
     """Decide what pushing ``out_dir`` to ``repo_id`` uploads, without touching the network.
 
@@ -402,7 +412,8 @@ def plan_push(out_dir: str | os.PathLike, repo_id: str, *, revision: str | None 
 
     card = None
     if CARD not in present:
-        card = redact(build_card(manifest, repo_id, [f.path_in_repo for f in files] + [CARD]))
+        card = redact(build_card(manifest, repo_id, [f.path_in_repo for f in files] + [CARD],
+                                 _architectures(out_dir)))
         data = card.encode()
         files.append(PlannedFile(CARD, len(data), hashlib.sha256(data).hexdigest(), None,
                                  "model card, written by clawconvert"))

@@ -123,12 +123,26 @@ def _subcommand(manifest: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def pipeline_tag(manifest: Mapping[str, Any] | None) -> str | None:
-    """The Hub ``pipeline_tag``: what the pushed model does, judged from what was made."""
+def _command_text(manifest: Mapping[str, Any] | None) -> str | None:
+    """The recorded command line, with ``python -m``'s ``__main__.py`` shown as ``clawconvert``."""
+    command = _get(manifest, "command")
+    if not isinstance(command, str):
+        return None
+    words = command.split(" ")
+    if words and words[0].rsplit("/", 1)[-1] == "__main__.py":
+        words[0] = "clawconvert"
+    return " ".join(words)
+
+
+def pipeline_tag(manifest: Mapping[str, Any] | None, architectures: Sequence[str] = ()) -> str | None:
+    """The Hub ``pipeline_tag``: what the pushed model does, judged from what was made.
+
+    ``architectures`` (from the output's config.json) stand in for classes the manifest lacks.
+    """
     target = _get(manifest, "target") or {}
     family = str(_get(target, "family") or _get(_get(manifest, "source"), "family") or "").lower()
     tower = str(_get(target, "tower") or "").lower()
-    classes = " ".join(_classes(manifest))
+    classes = " ".join(_classes(manifest) or [str(a) for a in architectures])
     command = _subcommand(manifest) or ""
     if "llava" in family or "Llava" in classes:
         return IMAGE_TEXT_TO_TEXT
@@ -143,7 +157,8 @@ def pipeline_tag(manifest: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def card_metadata(manifest: Mapping[str, Any] | None, files: Iterable[str] = ()) -> dict[str, Any]:
+def card_metadata(manifest: Mapping[str, Any] | None, files: Iterable[str] = (),
+                  architectures: Sequence[str] = ()) -> dict[str, Any]:
     """The YAML front matter of the card, keys in the order the Hub shows them."""
     files = list(files)
     source = _get(manifest, "source") or {}
@@ -161,7 +176,7 @@ def card_metadata(manifest: Mapping[str, Any] | None, files: Iterable[str] = ())
         if isinstance(value, str) and value.lower() not in tags:
             tags.append(value.lower())
     meta["tags"] = tags
-    tag = pipeline_tag(manifest)
+    tag = pipeline_tag(manifest, architectures)
     if tag:
         meta["pipeline_tag"] = tag
     license_ = _get(manifest, "license") or _get(source, "license")
@@ -201,12 +216,11 @@ def _source_text(source: Mapping[str, Any]) -> str | None:
     return f"`{path}`" if path else None
 
 
-def _summary(manifest: Mapping[str, Any] | None, lib: str | None) -> str:
+def _summary(manifest: Mapping[str, Any] | None, lib: str | None, tag: str | None) -> str:
     source = _get(manifest, "source") or {}
     target = _get(manifest, "target") or {}
     family = str(_get(target, "family") or _get(source, "family") or "")
     what = _FAMILY_NAME.get(family.lower(), family or "Model")
-    tag = pipeline_tag(manifest)
     if tag == IMAGE_FEATURES and what != "Model":
         what += " image tower"
     elif tag == TEXT_FEATURES and what != "Model":
@@ -233,9 +247,10 @@ def _summary(manifest: Mapping[str, Any] | None, lib: str | None) -> str:
 
 
 def _how_to_load(lib: str | None, repo_id: str, manifest: Mapping[str, Any] | None,
-                 files: Sequence[str]) -> list[str]:
+                 files: Sequence[str], architectures: Sequence[str]) -> list[str]:
     names = {f.rsplit("/", 1)[-1] for f in files}
-    cls = next((c for c in _classes(manifest) if _IDENTIFIER.fullmatch(c)), "AutoModel")
+    classes = _classes(manifest) or [str(a) for a in architectures]
+    cls = next((c for c in classes if _IDENTIFIER.fullmatch(c)), "AutoModel")
     lines: list[str] = []
     if lib == "transformers":
         lines += ["```python", f"from transformers import {cls}"
@@ -258,21 +273,23 @@ def _how_to_load(lib: str | None, repo_id: str, manifest: Mapping[str, Any] | No
     return lines
 
 
-def build_card(manifest: Mapping[str, Any] | None, repo_id: str, files: Sequence[str] = ()) -> str:
+def build_card(manifest: Mapping[str, Any] | None, repo_id: str, files: Sequence[str] = (),
+               architectures: Sequence[str] = ()) -> str:
     """The full ``README.md`` text for ``repo_id`` from a manifest (or None) and the file list.
 
     ``files`` are the repo-relative paths being uploaded; they decide the loading snippet and,
-    without a manifest, the library.  Missing manifest keys leave their lines out.
+    without a manifest, the library.  ``architectures`` (config.json's) name the class to load
+    with when the manifest does not.  Missing manifest keys leave their lines out.
     """
     files = list(files)
-    meta = card_metadata(manifest, files)
+    meta = card_metadata(manifest, files, architectures)
     lib = meta.get("library_name")
     source = _get(manifest, "source") or {}
     target = _get(manifest, "target") or {}
     out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"), "---", "",
-           f"# {repo_id.rsplit('/', 1)[-1]}", "", _summary(manifest, lib), "",
+           f"# {repo_id.rsplit('/', 1)[-1]}", "", _summary(manifest, lib, meta.get("pipeline_tag")), "",
            "## How to load", ""]
-    out += _how_to_load(lib, repo_id, manifest, files)
+    out += _how_to_load(lib, repo_id, manifest, files, architectures)
     if manifest is None:
         return "\n".join(out) + "\n"
 
@@ -291,7 +308,7 @@ def build_card(manifest: Mapping[str, Any] | None, repo_id: str, files: Sequence
         ("dtype", _get(manifest, "dtype")),
         ("License (from the source)", _get(manifest, "license") or _get(source, "license")),
         ("clawconvert version", _get(manifest, "version")),
-        ("Command", f"`{_get(manifest, 'command')}`" if _get(manifest, "command") else None),
+        ("Command", f"`{_command_text(manifest)}`" if _command_text(manifest) else None),
     ]
     out += [f"| {name} | {_fmt(value)} |" for name, value in rows if value is not None]
 

@@ -462,6 +462,12 @@ def test_card_tolerates_missing_and_odd_keys(manifest):
 
 
 def test_card_picks_pipeline_and_library_from_what_was_made():
+    tower = build_card({"target": {"format": "hf", "family": "clip"}}, "a/b", ["config.json"],
+                       architectures=["CLIPVisionModelWithProjection"])
+    assert front_matter(tower)["pipeline_tag"] == "image-feature-extraction"
+    assert 'CLIPVisionModelWithProjection.from_pretrained("a/b")' in tower and "CLIP image tower" in tower
+    module_run = build_card({"command": "/x/clawconvert/__main__.py convert a b --to hf"}, "a/b")
+    assert "| Command | `clawconvert convert a b --to hf` |" in module_run
     visual = front_matter(build_card({"command": "clawconvert extract-visual a b",
                                       "target": {"format": "hf", "family": "siglip"}}, "a/b"))
     assert visual["pipeline_tag"] == "image-feature-extraction" and visual["library_name"] == "transformers"
@@ -533,6 +539,7 @@ def test_convert_with_push_to_and_from_hf_hub(hub, tmp_path, capsys):
     assert manifest["source"]["hub_revision"] == src_sha
     assert "pushed to alice/tiny-clip-hf@main" in stdout
     card = hub.files("alice/tiny-clip-hf")["README.md"].decode()
+    assert 'CLIPModel.from_pretrained("alice/tiny-clip-hf")' in card  # class from config.json
     meta = front_matter(card)
     assert meta["library_name"] == "transformers" and meta["base_model"] == "org/openclip-tiny"
     assert "openclip" in meta["tags"]
