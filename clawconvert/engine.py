@@ -117,6 +117,10 @@ class Problems:
         raise ClawError(f"{what}: {summary}", details=self.messages if len(self.items) > 1 else [])
 
 
+def _float_dtype(source: TensorStore) -> torch.dtype:
+    return next((i.dtype for i in source.infos().values() if i.dtype.is_floating_point), torch.float32)
+
+
 def _numel(shape: Shape) -> int:
     n = 1
     for s in shape:
@@ -169,7 +173,8 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
             continue
         for name, shape in zip(rule.canonical, out):
             canonical_shapes[name] = shape
-            canonical_dtypes[name] = source.info(rule.format[0]).dtype
+            # a constant (no format tensor) takes the checkpoint's floating dtype
+            canonical_dtypes[name] = source.info(rule.format[0]).dtype if rule.format else _float_dtype(source)
     for name, shape in canonical_shapes.items():
         if name in ignore:
             continue

@@ -16,6 +16,9 @@ table spelling             load (format -> canonical)                 save (inve
 ``unsqueeze: D``           add an axis of size 1 at D                  squeeze D
 ``split: {dim, sizes}``    1 format tensor -> N canonical tensors      concat
 ``concat: {dim, sizes}``   N format tensors -> 1 canonical tensor      split
+``constant: [{eye: N},     no format tensor -> fixed canonical          check the tensor IS
+  {zeros: [S...]}]``       tensors (a format that has no text head:     that constant, store
+                           the canonical form is an identity Linear)    nothing
 =========================  =========================================  =====================
 
 Shapes and sizes may be expressions over the family's named dimensions (``D``,
@@ -232,6 +235,62 @@ class Concat(Split):
         return self._split(ys[0])
 
 
+class Constant(Op):
+    """Canonical tensors a format does not store because they are fixed by construction.
+
+    big_vision's i18n SigLIP has no text head where transformers' ``SiglipModel`` always has
+    one: the canonical form of "no head" is an identity ``Linear`` (``eye`` weight, ``zeros``
+    bias).  ``load`` makes them from nothing; ``save`` stores nothing and refuses unless the
+    canonical tensor is exactly that constant, so no information is ever dropped.
+    """
+
+    name = "constant"
+    arity_in = 0
+
+    def __init__(self, spec: Any, dims: dict[str, int], parts: int):
+        items = spec if isinstance(spec, list) else [spec]
+        self.consts: list[tuple[str, Shape]] = []
+        for item in items:
+            if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in ("eye", "zeros"):
+                raise ClawError(f"constant: write {{eye: N}} or {{zeros: [shape]}} (got {item!r})")
+            (kind, arg), = item.items()
+            if kind == "eye":
+                n = evaluate(arg, dims)
+                self.consts.append(("eye", (n, n)))
+            else:
+                self.consts.append(("zeros", _shape(arg if isinstance(arg, list) else [arg], dims)))
+        if len(self.consts) != parts:
+            raise ClawError(f"constant: {len(self.consts)} constants for {parts} tensors")
+
+    @property
+    def arity_out(self):  # type: ignore[override]
+        return len(self.consts)
+
+    @staticmethod
+    def _make(kind: str, shape: Shape) -> torch.Tensor:
+        return torch.eye(shape[0]) if kind == "eye" else torch.zeros(shape)
+
+    def load(self, xs):
+        return [self._make(kind, shape) for kind, shape in self.consts]
+
+    def save(self, ys):
+        for y, (kind, shape) in zip(ys, self.consts):
+            if tuple(y.shape) != shape or not torch.equal(y.float(), self._make(kind, shape)):
+                what = "an identity matrix" if kind == "eye" else "all zeros"
+                raise ClawError(f"constant: a {tuple(y.shape)} tensor that is not {what} "
+                                f"has no place in this format")
+        return []
+
+    def load_shapes(self, shapes):
+        return [shape for _, shape in self.consts]
+
+    def save_shapes(self, shapes):
+        for got, (kind, shape) in zip(shapes, self.consts):
+            if tuple(got) != shape:
+                raise ClawError(f"constant: expected a {kind} tensor of shape {shape}, got {tuple(got)}")
+        return []
+
+
 @dataclass
 class Chain:
     """Ops applied in order on load, in reverse order (each inverted) on save."""
@@ -271,6 +330,7 @@ OPS: dict[str, Callable[[Any, dict[str, int], int, int], Op]] = {
     "unsqueeze": lambda a, d, nf, nc: Unsqueeze(a),
     "split": lambda a, d, nf, nc: Split(a, d, nc),
     "concat": lambda a, d, nf, nc: Concat(a, d, nf),
+    "constant": lambda a, d, nf, nc: Constant(a, d, nc),
 }
 
 

@@ -22,9 +22,17 @@ Schema (validated on load; every problem is reported with the table's name and e
     drop: [attn_mask]              # format tensors that are not weights (buffers); ignored
 
 ``{a,b,c}`` (with commas) in a canonical key lists several canonical tensors, in order;
-``from`` may be a list for several format tensors.  ``optional: true`` entries are mapped
-when present and skipped silently when absent.  Placeholders not listed under
-``placeholders`` are an error, so a typo cannot silently match nothing.
+``from`` may be a list for several format tensors (an empty list with a ``constant`` op:
+the format stores nothing).  ``optional: true`` entries are mapped when present and skipped
+silently when absent.  Placeholders not listed under ``placeholders`` are an error, so a typo
+cannot silently match nothing.
+
+An entry may also be a list of variants chosen by a family param, each with ``when: NAME`` or
+``when: not NAME``; the variants whose condition holds are used::
+
+    text_model.head.weight:
+      - {from: txt/head/kernel, op: transpose, when: text_head}
+      - {from: [], op: {constant: {eye: T}}, when: not text_head}   # no head: identity
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ from .ops import Chain, build_chain
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ALTERNATION = re.compile(r"\{([^{}]*,[^{}]*)\}")
 _TOP_KEYS = {"format", "family", "placeholders", "identity", "tensors", "drop", "description"}
-_ENTRY_KEYS = {"from", "op", "optional", "note"}
+_ENTRY_KEYS = {"from", "op", "optional", "note", "when"}
 
 
 def mappings_root() -> Path:
@@ -87,7 +95,10 @@ class Table:
             values[name] = _placeholder_values(self.name, name, spec, params)
         rules: list[Rule] = []
         for key, entry in self.tensors.items():
-            rules.extend(self._expand_entry(key, entry, values, params))
+            for variant in entry if isinstance(entry, list) else [entry]:
+                if isinstance(variant, dict) and "when" in variant and not _holds(self.name, key, variant["when"], params):
+                    continue
+                rules.extend(self._expand_entry(key, variant, values, params))
         return ExpandedTable(self, rules, self._drop_patterns(params))
 
     def _drop_patterns(self, params: dict[str, Any]) -> list[re.Pattern]:
@@ -117,6 +128,16 @@ class Table:
                 raise ClawError(f"{self.name}: entry '{key}': {e}") from e
             rules.append(Rule(canonical, fmt, chain, bool(entry.get("optional", False)), f"{self.name}: {key}"))
         return rules
+
+
+def _holds(table: str, key: str, condition: str, params: dict) -> bool:
+    """``when: NAME`` / ``when: not NAME`` against the family's params."""
+    words = str(condition).split()
+    negate = len(words) == 2 and words[0] == "not"
+    name = words[-1]
+    if name not in params:
+        raise ClawError(f"{table}: entry '{key}': condition '{condition}' names unknown param '{name}'")
+    return bool(params[name]) != negate
 
 
 def _alternatives(key: str) -> list[str]:
@@ -185,18 +206,26 @@ def _validate(name: str, data: Any) -> None:
     if not tensors and not data.get("identity"):
         raise ClawError(f"mapping table {name}: no tensors and not an identity table")
     for key, entry in tensors.items():
-        if isinstance(entry, dict):
-            extra = set(entry) - _ENTRY_KEYS
-            if extra or "from" not in entry:
-                raise ClawError(f"mapping table {name}: entry '{key}' needs 'from' and may have op/optional/note (got {sorted(entry)})")
-            srcs = entry["from"] if isinstance(entry["from"], list) else [entry["from"]]
-        elif isinstance(entry, str):
-            srcs = [entry]
-        else:
-            raise ClawError(f"mapping table {name}: entry '{key}' must be a key or a mapping")
-        for n in _PLACEHOLDER.findall(key) + [n for s in srcs for n in _PLACEHOLDER.findall(str(s))]:
-            if n not in placeholders:
-                raise ClawError(f"mapping table {name}: entry '{key}' uses undeclared placeholder '{{{n}}}'")
+        variants = entry if isinstance(entry, list) else [entry]
+        if isinstance(entry, list) and not all(isinstance(v, dict) and "when" in v for v in entry):
+            raise ClawError(f"mapping table {name}: entry '{key}' lists variants: each needs 'when: NAME' or 'when: not NAME'")
+        for variant in variants:
+            if isinstance(variant, dict):
+                extra = set(variant) - _ENTRY_KEYS
+                if extra or "from" not in variant:
+                    raise ClawError(f"mapping table {name}: entry '{key}' needs 'from' and may have op/optional/note/when (got {sorted(variant)})")
+                when = variant.get("when")
+                if when is not None and (not isinstance(when, str) or len(when.split()) not in (1, 2)
+                                         or (len(when.split()) == 2 and when.split()[0] != "not")):
+                    raise ClawError(f"mapping table {name}: entry '{key}': write 'when: NAME' or 'when: not NAME' (got {when!r})")
+                srcs = variant["from"] if isinstance(variant["from"], list) else [variant["from"]]
+            elif isinstance(variant, str):
+                srcs = [variant]
+            else:
+                raise ClawError(f"mapping table {name}: entry '{key}' must be a key, a mapping or a list of variants")
+            for n in _PLACEHOLDER.findall(key) + [n for s in srcs for n in _PLACEHOLDER.findall(str(s))]:
+                if n not in placeholders:
+                    raise ClawError(f"mapping table {name}: entry '{key}' uses undeclared placeholder '{{{n}}}'")
     if not isinstance(data.get("drop", []) or [], list):
         raise ClawError(f"mapping table {name}: 'drop' must be a list")
 

@@ -89,7 +89,20 @@ def test_unknown_op_and_wrong_arity_are_refused():
 
 
 def test_vocabulary_is_closed_and_all_ops_tested():
-    assert set(OPS) == {"transpose", "permute", "reshape", "squeeze", "unsqueeze", "split", "concat"}
+    assert set(OPS) == {"transpose", "permute", "reshape", "squeeze", "unsqueeze", "split", "concat", "constant"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_makes_identity_head_and_stores_nothing(dtype):
+    chain = build_chain({"constant": [{"eye": "T"}, {"zeros": ["T"]}]}, {"T": 3}, 0, 2)
+    w, b = chain.load([])
+    assert torch.equal(w, torch.eye(3)) and torch.equal(b, torch.zeros(3))
+    assert chain.load_shapes([]) == [(3, 3), (3,)] and chain.save_shapes([(3, 3), (3,)]) == []
+    assert chain.save([w.to(dtype), b.to(dtype)]) == []          # inverse: nothing to store
+    with pytest.raises(ClawError, match="not an identity"):       # never drops information
+        chain.save([w * 2, b])
+    with pytest.raises(ClawError, match="not all zeros"):
+        chain.save([w, b + 1])
 
 
 shapes = st.lists(st.integers(1, 5), min_size=1, max_size=4)
