@@ -40,7 +40,7 @@ HUB_PREFIX = "hf-hub:"
 CARD = "README.md"
 
 # Files a checkpoint needs besides its weights: configs, tokenizers, preprocessing.
-CONFIG_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.tiktoken", "*.yaml", "*.yml"]
+CONFIG_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.tiktoken", "*.jinja", "*.yaml", "*.yml"]
 # Weight files in order of preference: the first kind a repo has is the one downloaded.
 WEIGHT_PATTERNS = [["*.safetensors"], ["*.npz"], ["*.bin", "*.pt", "*.pth", "*.ckpt"]]
 
