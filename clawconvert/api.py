@@ -172,3 +172,9 @@ def inspect(path: str | Path, *, src_format: str | None = None, model_name: str 
         "bytes": sum(i.nbytes for i in infos.values()), "dtypes": dtypes, "config": summary,
     }
 
+
+
+def push(*args: Any, **kwargs: Any):
+    """Upload an output directory to the Hugging Face Hub (see :func:`clawconvert.hub.push`)."""
+    from .hub import push as _push
+    return _push(*args, **kwargs)
