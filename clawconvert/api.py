@@ -178,3 +178,36 @@ def push(*args: Any, **kwargs: Any):
     """Upload an output directory to the Hugging Face Hub (see :func:`clawconvert.hub.push`)."""
     from .hub import push as _push
     return _push(*args, **kwargs)
+
+
+def extract_visual(src: str | Path, dst: str | Path, *, to: str = "hf", with_projection: bool = False,
+                   src_format: str | None = None, model_name: str | None = None,
+                   model_config: str | Path | None = None, dtype: str | torch.dtype | None = "keep",
+                   max_shard_size: str | int = "5GB", verify: bool = False, tolerance: float | None = None,
+                   overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = False):
+    """Cut the image tower out of ``src`` (``to``: hf, timm, openclip), reading only its tensors.
+
+    Returns an :class:`~clawconvert.surgery.extract.ExtractResult`; ``verify`` requires the
+    tower's outputs to equal the full model's bit for bit (timm: within ``tolerance``).
+    """
+    from .surgery.extract import extract
+    return extract(src, dst, "visual", to, with_projection=with_projection, src_format=src_format,
+                   model_name=model_name, model_config=model_config, dtype=dtype, max_shard_size=max_shard_size,
+                   verify=verify, tolerance=tolerance, overwrite=overwrite, unsafe_pickle=unsafe_pickle,
+                   progress=progress)
+
+
+def extract_text(src: str | Path, dst: str | Path, *, to: str = "hf", with_projection: bool = False,
+                 src_format: str | None = None, model_name: str | None = None,
+                 model_config: str | Path | None = None, dtype: str | torch.dtype | None = "keep",
+                 max_shard_size: str | int = "5GB", verify: bool = False, overwrite: bool = False,
+                 unsafe_pickle: bool = False, progress: bool = False):
+    """Cut the text tower out of ``src`` (``to``: hf, openclip), reading only its tensors.
+
+    Returns an :class:`~clawconvert.surgery.extract.ExtractResult`; ``verify`` requires the
+    tower's outputs to equal the full model's bit for bit.
+    """
+    from .surgery.extract import extract
+    return extract(src, dst, "text", to, with_projection=with_projection, src_format=src_format,
+                   model_name=model_name, model_config=model_config, dtype=dtype, max_shard_size=max_shard_size,
+                   verify=verify, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)

@@ -51,7 +51,9 @@ class Family:
 
     name: str = ""
     hf_model_types: tuple[str, ...] = ()     # config.json model_type values owned
-    towers: dict[str, tuple[str, ...]] = {}  # tower -> canonical key prefixes
+    # tower -> canonical key prefixes: the tower's body first, then its projection (if separate)
+    towers: dict[str, tuple[str, ...]] = {}
+    timm_architectures: str = ""             # timm.list_models() glob of the image towers timm.yaml writes
 
     def __init__(self) -> None:
         self.codecs: dict[str, FormatCodec] = {}
@@ -79,6 +81,26 @@ class Family:
 
     def write_hf_extras(self, out_dir: Path, config: Any, extras: Extras) -> list[str]:
         """Write preprocessor/tokenizer files beside HF weights; return notes for the user."""
+        return []
+
+    # -- towers (clawconvert extract-visual / extract-text) ---------------------------------
+    def tower_prefixes(self, tower: str, with_projection: bool) -> tuple[str, ...]:
+        """Canonical key prefixes of one tower: its body, plus its projection when asked for."""
+        if tower not in self.towers:
+            raise ClawError(f"the {self.name} family has no {tower} tower (it has: {', '.join(self.towers)})")
+        body, *projection = self.towers[tower]
+        return (body, *projection) if with_projection else (body,)
+
+    def tower_config(self, config: Any, tower: str) -> Any:
+        """The transformers config of one tower alone (e.g. ``CLIPVisionConfig``)."""
+        raise ClawError(f"the {self.name} family cannot cut out its {tower} tower")
+
+    def tower_model_class(self, tower: str, with_projection: bool) -> type:
+        """The transformers class that loads one tower (e.g. ``CLIPVisionModelWithProjection``)."""
+        raise ClawError(f"the {self.name} family cannot cut out its {tower} tower")
+
+    def write_hf_tower_extras(self, out_dir: Path, config: Any, extras: Extras, tower: str) -> list[str]:
+        """Write the side files one HF tower needs (image processor / tokenizer); return notes."""
         return []
 
     def __repr__(self) -> str:

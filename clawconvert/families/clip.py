@@ -276,6 +276,7 @@ class ClipFamily(Family):
     name = "clip"
     hf_model_types = ("clip",)
     towers = {"visual": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
+    timm_architectures = "vit_*_clip_*"     # timm ViTs holding CLIP image towers (pre_norm=True)
 
     def __init__(self) -> None:
         super().__init__()
@@ -296,14 +297,30 @@ class ClipFamily(Family):
                 "D": config.vision_config.hidden_size, "T": config.text_config.hidden_size}
 
     def write_hf_extras(self, out_dir: Path, config, extras: Extras) -> list[str]:
-        notes = write_preprocessor(out_dir, config.vision_config.image_size, extras.preprocess)
+        return (self.write_hf_tower_extras(out_dir, config, extras, "visual")
+                + self.write_hf_tower_extras(out_dir, config, extras, "text"))
+
+    # -- towers --------------------------------------------------------------------------
+    def tower_config(self, config, tower: str):
+        import copy
+        sub = copy.deepcopy(config.vision_config if tower == "visual" else config.text_config)
+        sub.projection_dim = config.projection_dim   # the *WithProjection classes read it here
+        return sub
+
+    def tower_model_class(self, tower: str, with_projection: bool) -> type:
+        import transformers
+        name = {"visual": "CLIPVisionModel", "text": "CLIPTextModel"}[tower]
+        return getattr(transformers, name + ("WithProjection" if with_projection else ""))
+
+    def write_hf_tower_extras(self, out_dir: Path, config, extras: Extras, tower: str) -> list[str]:
+        if tower == "visual":
+            return write_preprocessor(out_dir, config.vision_config.image_size, extras.preprocess)
         if extras.tokenizer_dir is not None:
-            notes += copy_tokenizer(extras.tokenizer_dir, out_dir)
-        elif config.text_config.vocab_size == CLIP_BPE_VOCAB and extras.tokenizer_note is None:
+            return copy_tokenizer(extras.tokenizer_dir, out_dir)
+        if config.text_config.vocab_size == CLIP_BPE_VOCAB and extras.tokenizer_note is None:
             write_clip_tokenizer(out_dir, config.text_config.max_position_embeddings)
-        else:
-            notes.append(extras.tokenizer_note or "no tokenizer files written: the text vocabulary is not CLIP's BPE")
-        return notes
+            return []
+        return [extras.tokenizer_note or "no tokenizer files written: the text vocabulary is not CLIP's BPE"]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
