@@ -303,6 +303,19 @@ def load_torch_file(path: Path, unsafe_pickle: bool = False):
 # ------------------------------------------------------------------------------------
 # .npz (numpy / JAX big_vision)
 # ------------------------------------------------------------------------------------
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the ``.npy`` stream ``f``, leaving it at the data.
+
+    numpy 2.x keeps only the versioned readers public (``_read_array_header`` moved)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    from numpy.lib import _format_impl  # version 3.0 (utf-8 field names) has no public reader
+    return _format_impl._read_array_header(f, version)
+
+
 class NpzStore(TensorStore):
     """A numpy ``.npz`` archive; each ``.npy`` member's header is read up front, data on demand."""
 
@@ -320,8 +333,7 @@ class NpzStore(TensorStore):
             name = m.filename[:-4]
             try:
                 with self._zip.open(m) as f:
-                    version = np.lib.format.read_magic(f)
-                    shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+                    shape, fortran, dtype = read_npy_header(f)
             except Exception as e:
                 raise ClawError(f"{path}: member '{m.filename}' is corrupt ({e.__class__.__name__}: {e})") from e
             if dtype.hasobject:
@@ -338,8 +350,7 @@ class NpzStore(TensorStore):
     def read_numpy(self, name: str) -> np.ndarray:
         m, shape, dtype, fortran = self._members[self._file_names.get(name, name)]
         with self._zip.open(m) as f:
-            version = np.lib.format.read_magic(f)
-            np.lib.format._read_array_header(f, version)
+            read_npy_header(f)
             nbytes = math.prod(shape) * dtype.itemsize
             data = f.read(nbytes)
         if len(data) != nbytes:
