@@ -43,6 +43,7 @@ class ArchFeatures:
     eps: tuple[float, ...]
 
 
+@lru_cache(maxsize=None)
 def _build(arch: str, num_classes: int):
     import timm
 
