@@ -14,8 +14,8 @@ import torch
 
 from .engine import Plan, plan_conversion
 from .errors import ClawError, VerificationFailed
-from .formats import Checkpoint, Format, SourceOptions, get_format, open_checkpoint
-from .io.atomic import atomic_output_dir
+from .formats import Checkpoint, Format, SourceOptions, all_formats, get_format, open_checkpoint
+from .io.atomic import atomic_output_dir, atomic_output_file
 from .io.dtypes import CLI_DTYPES
 from .io.writers import parse_size
 from .provenance import source_fingerprint, write_manifest
@@ -66,9 +66,10 @@ def plan_for(ckpt: Checkpoint, target: Format, dtype: torch.dtype | None,
     expected = family.canonical_shapes(config)
     keys = list(expected)
     src_table = load_table(family.name, ckpt.format)
+    dst_params = {**family.params(config), **target.table_params(family, config)}  # refuses unrepresentable configs
     dst_table = load_table(family.name, target_table or target.name)
     src_exp = src_table.expand(ckpt.table_params(), keys)
-    dst_exp = dst_table.expand({**family.params(config), **target.table_params(family, config)}, keys)
+    dst_exp = dst_table.expand(dst_params, keys)
     plan = plan_conversion(ckpt.store, src_exp, dst_exp, expected, dtype, ignore_canonical)
     return plan, [src_table, dst_table]
 
@@ -77,23 +78,34 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
             model_name: str | None = None, model_config: str | Path | None = None,
             dtype: str | torch.dtype | None = "keep", max_shard_size: str | int = "5GB",
             verify: bool = False, tolerance: float | None = None, overwrite: bool = False,
-            unsafe_pickle: bool = False, progress: bool = False) -> ConvertResult:
+            unsafe_pickle: bool = False, progress: bool = False,
+            write_options: dict[str, Any] | None = None) -> ConvertResult:
     """Convert a checkpoint to another format (``to``: hf, openclip, big_vision).
 
     Plans from headers, refuses before writing if anything is unmapped, missing or
     contradicts the config, streams tensor by tensor into a temporary directory, optionally
-    verifies against both frameworks, then renames into ``dst``.
+    verifies against both frameworks, then renames into ``dst``.  A format whose output is
+    one file (big_vision: ``dst`` is ``model.npz``) is written beside ``dst`` and renamed the
+    same way; it carries no manifest.  ``write_options`` go to the target's writer
+    (big_vision: ``{"stacked": True}`` for the scan layout).
     """
     src_path, hub_info = resolve(src)
     target = get_format(to)
+    write_options = {k: v for k, v in (write_options or {}).items() if v not in (None, False)}
+    unknown = sorted(set(write_options) - set(target.write_options))
+    if unknown:
+        raise ClawError(f"--{unknown[0]} does not apply to --to {to}"
+                        + (f" (only to: {', '.join(f.name for f in all_formats().values() if unknown[0] in f.write_options)})"
+                           if any(unknown[0] in f.write_options for f in all_formats().values()) else ""))
     options = SourceOptions(format=src_format, model_name=model_name,
                             model_config=Path(model_config) if model_config else None, unsafe_pickle=unsafe_pickle)
     ckpt = open_checkpoint(src_path, options)
     out_dtype = _dtype(dtype)
     plan, tables = plan_for(ckpt, target, out_dtype)
     shard = parse_size(max_shard_size)
-    with atomic_output_dir(dst, overwrite=overwrite, sources=(src_path,)) as tmp:
-        writer = target.writer(tmp, plan.writer_plan, shard)
+    output = atomic_output_file if target.writes_file else atomic_output_dir
+    with output(dst, overwrite=overwrite, sources=(src_path,)) as tmp:
+        writer = target.writer(tmp, plan.writer_plan, shard, **write_options)
         try:
             n = plan.execute(writer, _progress(progress, plan.total_bytes, f"{ckpt.format} -> {to}"))
             files = writer.close()
@@ -101,19 +113,21 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
             writer.abort()
             raise
         notes = target.write_side_files(tmp, ckpt.family, ckpt.config, ckpt.extras)
+        notes += ckpt.family.target_notes(ckpt, to)
         figures = None
         if verify:
             figures = _verify_pair(ckpt, tmp, to, tolerance, out_dtype)
-        write_manifest(tmp, {
-            "source": {"path": str(src), "format": ckpt.format, "family": ckpt.family.name,
-                       "fingerprint": source_fingerprint(src_path), **hub_info},
-            "target": {"format": to, "family": ckpt.family.name},
-            "tables": [{"name": t.name, "sha256": t.sha256} for t in tables],
-            "dtype": str(dtype if isinstance(dtype, str) else dtype),
-            **({"verify": figures} if figures else {}),
-            **({"license": ckpt.extras.license} if ckpt.extras.license else {}),
-            "notes": notes,
-        })
+        if not target.writes_file:
+            write_manifest(tmp, {
+                "source": {"path": str(src), "format": ckpt.format, "family": ckpt.family.name,
+                           "fingerprint": source_fingerprint(src_path), **hub_info},
+                "target": {"format": to, "family": ckpt.family.name},
+                "tables": [{"name": t.name, "sha256": t.sha256} for t in tables],
+                "dtype": str(dtype if isinstance(dtype, str) else dtype),
+                **({"verify": figures} if figures else {}),
+                **({"license": ckpt.extras.license} if ckpt.extras.license else {}),
+                "notes": notes,
+            })
         if figures and not figures["passed"]:
             from .verify import format_figures
             raise VerificationFailed(format_figures(figures) + "; output not written")

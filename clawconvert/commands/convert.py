@@ -27,17 +27,23 @@ EPILOG = """\
 examples:
   clawconvert convert fixtures/openclip_tiny out/hf --to hf --verify
   clawconvert convert epoch_32.pt out/hf --to hf --model-name ViT-B-32
-  clawconvert convert out/hf out/openclip --to openclip --dtype fp16"""
+  clawconvert convert out/hf out/openclip --to openclip --dtype fp16
+  clawconvert convert siglip_base_patch16_224.npz out/hf --to hf --verify
+  clawconvert convert out/hf out/siglip.npz --to big_vision --stacked"""
 
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="source checkpoint (directory, file, or hf-hub:org/name)")
-    p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("dst", metavar="DST", help="output directory, or a .npz file for --to big_vision "
+                                              "(must not exist unless --overwrite)")
     p.add_argument("--to", required=True, metavar="FMT", help="target format: hf, openclip or big_vision")
     add_source_options(p)
     add_output_options(p)
+    p.add_argument("--stacked", action="store_true",
+                   help="--to big_vision: write the stacked (scan) layout, one encoderblock/<leaf> per tower with a "
+                        "leading depth axis (default: per-layer encoderblock_N/, as released)")
     g = p.add_argument_group("verification")
     g.add_argument("--verify", action="store_true",
                    help="run source and output in their own frameworks on the same inputs and compare "
@@ -61,7 +67,8 @@ def run(args) -> int:
     result = api.convert(args.src, args.dst, to=args.to, src_format=args.src_format, model_name=args.model_name,
                          model_config=args.model_config, dtype=args.dtype, max_shard_size=args.max_shard_size,
                          verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-                         unsafe_pickle=args.unsafe_pickle, progress=not args.quiet and sys.stderr.isatty())
+                         unsafe_pickle=args.unsafe_pickle, progress=not args.quiet and sys.stderr.isatty(),
+                         write_options={"stacked": args.stacked})
     print(f"wrote {result.destination} ({result.target_format}, {result.family}): {result.tensors} tensors, "
           f"{result.bytes / 1e6:.1f} MB in {', '.join(result.files)}")
     for note in result.notes:

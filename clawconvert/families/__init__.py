@@ -83,6 +83,14 @@ class Family:
         """Write preprocessor/tokenizer files beside HF weights; return notes for the user."""
         return []
 
+    def refine(self, ckpt: Any) -> None:
+        """Complete an opened checkpoint's config with what only its weights or format tell
+        (SigLIP: an HF identity text head means "no head"); called by ``open_checkpoint``."""
+
+    def target_notes(self, ckpt: Any, target: str) -> list[str]:
+        """What a conversion of ``ckpt`` to ``target`` changes that the user should know."""
+        return []
+
     # -- towers (clawconvert extract-visual / extract-text) ---------------------------------
     def tower_prefixes(self, tower: str, with_projection: bool) -> tuple[str, ...]:
         """Canonical key prefixes of one tower: its body, plus its projection when asked for."""

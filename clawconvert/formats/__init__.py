@@ -48,6 +48,8 @@ class Format:
     name: str = ""
     description: str = ""
     weights_name: str = "model"          # basename of the weights file(s) it writes
+    writes_file: bool = False            # the output is one file (big_vision .npz), not a directory
+    write_options: tuple[str, ...] = ()  # extra keyword arguments its writer() takes (e.g. "stacked")
 
     def detect(self, path: Path) -> bool:
         """True when ``path`` is a model of this format (files or sentinel keys)."""
@@ -108,4 +110,6 @@ def open_checkpoint(path: str | Path, options: SourceOptions | None = None) -> C
     if not path.exists():
         raise ClawError(f"{path}: no such file or directory")
     fmt = get_format(options.format) if options.format else detect_format(path)
-    return fmt.open(path, options)
+    ckpt = fmt.open(path, options)
+    ckpt.family.refine(ckpt)
+    return ckpt
