@@ -16,7 +16,8 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from test_merge_lora import ALL_LINEAR, make_adapter, make_base, run_cli, tree_hash, write_tokenizer  # noqa: E402
+from test_merge_lora import (ALL_LINEAR, make_adapter, make_base, peft_logits, run_cli, tree_hash,  # noqa: E402
+                             write_tokenizer)
 
 from clawconvert.surgery.llava import vision_tower_source  # noqa: E402
 
@@ -116,6 +117,26 @@ def test_new_embedding_row_is_the_mean_and_the_tie_is_kept(vlm):
     manifest = json.loads((out / "clawconvert_manifest.json").read_text())
     assert manifest["merge"]["extra_embedding_rows"] == 1
     assert manifest["merge"]["llava"]["connector"]["layout"] == "nn.Sequential"
+
+
+def test_untied_language_model_grows_embedding_and_head(vlm, tmp_path):
+    """A llama (untied) base: both embed_tokens and lm_head get the mean row; text-only logits unchanged."""
+    work, _, _, vision, proj, _ = vlm
+    base = make_base(tmp_path / "llama", "llama", hidden_size=LLM_HIDDEN, intermediate_size=96)
+    write_tokenizer(base, vocab=VOCAB)
+    adapter = make_adapter(base, tmp_path / "lora", target_modules=["q_proj", "down_proj", "lm_head"])
+    out = tmp_path / "llava"
+    assert run_cli(base, adapter, out, "--vision", vision, "--connector", work / "other_params.bin") == 0
+    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for matrix in (model.get_input_embeddings().weight, model.lm_head.weight):
+        assert matrix.shape == (VOCAB + 1, LLM_HIDDEN)
+        torch.testing.assert_close(matrix[VOCAB], matrix[:VOCAB].mean(0), rtol=0, atol=1e-6)
+    assert model.config.tie_word_embeddings is False
+    ids = torch.tensor([[3, 7, 11, 5, 9]])
+    with torch.no_grad():
+        diff = (model.eval()(input_ids=ids).logits[..., :VOCAB] - peft_logits(base, adapter, ids)).abs().max()
+    assert diff < TOL
 
 
 def test_connector_from_adapter_modules_to_save_in_llava_layout(vlm):

@@ -19,12 +19,12 @@ from ..errors import ClawError
 from ..hub import add_push_option, maybe_push, resolve_source
 from ..io.atomic import atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, output_dtype
-from ..io.readers import TensorStore, open_tensors
+from ..io.readers import open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
-from ..provenance import source_fingerprint, write_manifest
+from ..provenance import MANIFEST, source_fingerprint, write_manifest
 from ..surgery import llava
 from ..surgery.lora import Adapter
-from ..surgery.merge import MergePlan, OutTensor, canonical, plan_merge, write_merged
+from ..surgery.merge import MergePlan, plan_merge, write_merged
 from .common import add_output_options
 
 ORDER = 40
@@ -138,7 +138,7 @@ def _copy_side_files(base: Path, out: Path, keep: tuple[str, ...] | None = None)
     for f in sorted(base.iterdir()):
         if not f.is_file() or f.name == "config.json" or f.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
             continue
-        if f.name.startswith("clawconvert_manifest") or (keep is not None and f.name not in keep
+        if f.name in ("README.md", MANIFEST) or (keep is not None and f.name not in keep
                                                        and not f.name.upper().startswith(("LICENSE", "NOTICE"))):
             continue
         shutil.copyfile(f, out / f.name)
@@ -177,15 +177,15 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
     base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
     notes: list[str] = []
 
-    assembly = None
-    extra_rows = 0
+    plan = plan_merge(base_store, adapter_obj, tied=tied, model_type=str(text_config.get("model_type", "")),
+                      dtype=out_dtype)
+    assembly, extra_rows = None, 0
     if vision is not None:
         assembly = _Assembly(base_path, vision_path, image_token, vision_feature_layer,
                              vision_feature_select_strategy, chat_template, unsafe_pickle)
-        vocab_rows = _embedding_rows(base_store)
-        extra_rows = max(0, assembly.image_token_index + 1 - vocab_rows)
-    plan = plan_merge(base_store, adapter_obj, tied=tied, model_type=str(text_config.get("model_type", "")),
-                      dtype=out_dtype, extra_rows=extra_rows)
+        extra_rows = max(0, assembly.image_token_index + 1 - (plan.vocab_rows or 0))
+        if extra_rows:
+            plan.grow_vocab(extra_rows)
 
     leftovers = dict(plan.leftovers)
     if assembly is not None:
@@ -217,7 +217,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
     elif tied:
         text_config["tie_word_embeddings"] = True
     if extra_rows:
-        text_config["vocab_size"] = _embedding_rows(base_store) + extra_rows
+        text_config["vocab_size"] = plan.vocab_rows + extra_rows
     lm_dtype = _dtype_name(out_dtype) or next((text_config[k] for k in CONFIG_DTYPE_KEYS if k in text_config), None)
     _set_dtype(text_config, _dtype_name(out_dtype))
 
@@ -255,7 +255,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             notes += assembly.write_processor(tmp)
             copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
         else:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             copied = _copy_side_files(base_path, tmp)
             if not any(f in copied for f in TOKENIZER_FILES):
                 notes.append(f"{base_path} has no tokenizer files; none copied")
@@ -281,14 +281,6 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         dest = Path(out).absolute()
     return MergeResult(dest, architecture, len(writer_plan), writer.total_size, [f.name for f in files],
                        plan.tie, notes, merge_record)
-
-
-def _embedding_rows(base: TensorStore) -> int:
-    for key in base.keys():
-        if canonical(key) == "model.embed_tokens.weight":
-            return base.info(key).shape[0]
-    raise ClawError(f"{base.path}: no embed_tokens.weight; LLaVA assembly supports llama-style language models "
-                    f"(llama, qwen2, mistral, gemma)")
 
 
 def _progress(enabled: bool, total: int):

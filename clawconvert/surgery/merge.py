@@ -33,8 +33,8 @@ KEY_ALIASES = (
     (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),  # LLaVA, transformers 5
 )
 
-# Input embedding and output head that tie_word_embeddings shares, by canonical name.
-TIED_EMBEDDINGS = (
+# Input embedding and output head (what tie_word_embeddings shares, what new tokens grow), canonical names.
+EMBEDDING_PAIRS = (
     ("model.embed_tokens.weight", "lm_head.weight"),   # llama qwen2 mistral gemma, LLaVA language models
     ("transformer.wte.weight", "lm_head.weight"),      # gpt2
 )
@@ -78,7 +78,19 @@ class MergePlan:
     tie: dict                       # what was done with tied embeddings, for the user and the manifest
     untied: bool                    # the output config must say tie_word_embeddings: false
     leftovers: dict[str, str]       # adapter full tensors with no base counterpart: path -> adapter key
+    embeddings: tuple[str, str] | None   # canonical (input embedding, output head) when BASE has them
+    vocab_rows: int | None               # rows of the input embedding
     summary: dict = field(default_factory=dict)
+
+    def grow_vocab(self, rows: int) -> None:
+        """Append ``rows`` new tokens, each at the mean row, to the input embedding and the output head."""
+        if self.embeddings is None:
+            raise ClawError("BASE has no embed_tokens.weight; new tokens need a llama-style language model "
+                            "(llama, qwen2, mistral, gemma)")
+        for t in self.tensors:
+            if t.canonical in self.embeddings:
+                t.recipe.extra_rows = rows
+                t.shape = (self.vocab_rows + rows, *t.shape[1:])
 
 
 def _store_order(store: TensorStore) -> list[str]:
@@ -90,7 +102,7 @@ def _store_order(store: TensorStore) -> list[str]:
 
 
 def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: str,
-               dtype: torch.dtype | None = None, extra_rows: int = 0) -> MergePlan:
+               dtype: torch.dtype | None = None) -> MergePlan:
     """Plan every output tensor from headers; raise one ClawError listing all misfits."""
     index: dict[str, str] = {}
     for key in _store_order(base):
@@ -101,9 +113,10 @@ def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: s
     recipes = {c: Recipe(("base", k)) for c, k in index.items()}
     errors: list[str] = []
 
-    pair = _tied_pair(index) if tied else None
+    embeddings = next(((e, h) for e, h in EMBEDDING_PAIRS if e in index), None)
+    pair = embeddings if tied else None
     if tied and pair is None:
-        known = ", ".join(e for e, _ in TIED_EMBEDDINGS)
+        known = ", ".join(e for e, _ in EMBEDDING_PAIRS)
         raise ClawError(f"{base.path}: config ties input and output embeddings, but none of {known} is in the "
                         f"weights; clawconvert cannot tell which tensors the tie joins")
     embed, head = pair or (None, None)
@@ -178,12 +191,7 @@ def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: s
         order.insert(order.index(embed) + 1, head)
     tensors = []
     for c in order:
-        recipe = recipes[c]
-        if pair and c in pair and extra_rows:
-            recipe.extra_rows = extra_rows
-        shape = base_shape(c)
-        if recipe.extra_rows:
-            shape = (shape[0] + recipe.extra_rows, *shape[1:])
+        recipe, shape = recipes[c], base_shape(c)
         src_dtype = base.info(index[embed if c == head else c]).dtype
         tensors.append(OutTensor(index.get(c) or _head_name(index[embed], embed, head), c, shape,
                                  output_dtype(src_dtype, dtype), recipe))
@@ -196,14 +204,8 @@ def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: s
         "scales": {f"{s:g}": n for s, n in sorted(Counter(m.scale for m in adapter.modules.values()).items())},
         "replaced_from_adapter": sorted(t.name for t in tensors if t.recipe.start[0] == "adapter"),
     }
-    return MergePlan(tensors, tie, untied, leftovers, summary)
-
-
-def _tied_pair(index: dict[str, str]) -> tuple[str, str] | None:
-    for embed, head in TIED_EMBEDDINGS:
-        if embed in index:
-            return embed, head
-    return None
+    vocab_rows = base_shape(embeddings[0])[0] if embeddings else None
+    return MergePlan(tensors, tie, untied, leftovers, embeddings, vocab_rows, summary)
 
 
 def _head_name(embed_key: str, embed: str, head: str) -> str:
