@@ -10,14 +10,19 @@ Which reader handles a path is decided by :data:`READERS` (suffix -> class) and 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
 import pickle
+import re
+import stat
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +31,117 @@ from ..errors import ClawError
 from .dtypes import SAFETENSORS_DTYPES, itemsize, numpy_to_torch_dtype
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_JSON_BYTES = 256 * 1024 * 1024
+MAX_DIM = 2**62          # a larger dimension cannot be a real tensor (and overflows int64 numel)
+# dtypes the writers can store; a source tensor of another dtype is refused when opened
+STORABLE_DTYPES = frozenset(SAFETENSORS_DTYPES.values())
+
+
+# ------------------------------------------------------------------------------------
+# small helpers shared by every reader
+# ------------------------------------------------------------------------------------
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else e.__class__.__name__)[:limit]
+
+
+def require_file(path: Path, what: str = "file") -> None:
+    """A regular file: not missing, not a directory, not a FIFO or device (which could block)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ClawError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ClawError(f"{path}: cannot read: {e.strerror or e}") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise ClawError(f"{path}: is a directory, expected a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ClawError(f"{path}: not a regular file, expected a {what}")
+    if st.st_size == 0:
+        raise ClawError(f"{path}: empty file, expected a {what}")
+
+
+def contained_path(root: Path, relative: Any, origin: Path, what: str = "path") -> Path:
+    """``root / relative`` when ``relative`` is a plain relative path that stays inside ``root``.
+
+    The check is lexical (absolute paths, ``..`` escapes, NUL bytes, backslashes are refused),
+    so a file that is itself a symlink, as in the Hugging Face cache, still opens.
+    """
+    if not isinstance(relative, str) or not relative or "\0" in relative:
+        raise ClawError(f"{origin}: {what} {relative!r} is not a file name")
+    if os.path.isabs(relative) or relative.startswith("\\") or re.match(r"^[A-Za-z]:", relative):
+        raise ClawError(f"{origin}: {what} '{relative}' escapes its directory (absolute path)")
+    norm = os.path.normpath(relative)
+    if norm == ".." or norm.startswith(".." + os.sep) or norm == "." or "\\" in relative:
+        raise ClawError(f"{origin}: {what} '{relative}' escapes its directory")
+    return Path(root) / norm
+
+
+def read_json_file(path: Path, what: str = "JSON file", reject_duplicates: bool = False) -> Any:
+    """Read a JSON file as data, every failure a one-line :class:`ClawError` naming the file."""
+    path = Path(path)
+    require_file(path, what)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ClawError(f"{path}: {path.stat().st_size} bytes is too large for a {what}")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ClawError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ClawError(f"{path}: not a {what}: not UTF-8 text (byte {e.start})") from e
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates if reject_duplicates else None)
+    except RecursionError:
+        raise ClawError(f"{path}: not a {what}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise ClawError(f"{path}: not a {what}: invalid JSON ({_first_line(e)})") from e
+
+
+# ------------------------------------------------------------------------------------
+# NaN / Inf checks (--check-finite)
+# ------------------------------------------------------------------------------------
+_CHECK_FINITE: contextvars.ContextVar[bool] = contextvars.ContextVar("clawconvert_check_finite", default=False)
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool = True) -> Iterator[None]:
+    """While active, every :meth:`TensorStore.read` refuses a tensor holding NaN or Inf."""
+    token = _CHECK_FINITE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CHECK_FINITE.reset(token)
+
+
+def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, +/-Inf count) of a tensor; (0, 0) for integer tensors."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return 0, 0
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.float()
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+def describe_nonfinite(file: Path, name: str, nan: int, inf: int, numel: int) -> str:
+    parts = [f"{n} {w}" for n, w in ((nan, "NaN"), (inf, "Inf")) if n]
+    return f"{file}: tensor '{name}' holds {' and '.join(parts)} value{'s' if nan + inf > 1 else ''} (of {numel})"
+
+
+def scan_nonfinite(store: "TensorStore", names: list[str] | None = None) -> list[str]:
+    """Read every (or the named) floating tensor once; one line per tensor holding NaN/Inf."""
+    problems = []
+    for name in names if names is not None else store.keys():
+        info = store.info(name)
+        if not info.dtype.is_floating_point:
+            continue
+        with finite_checks(False):
+            t = store.read(name)
+        nan, inf = count_nonfinite(t)
+        if nan or inf:
+            problems.append(describe_nonfinite(info.file, name, nan, inf, t.numel()))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -83,6 +199,11 @@ class TensorStore:
             raise ClawError(f"{info.file}: cannot read tensor '{name}': {e}") from e
         if tuple(t.shape) != info.shape:
             raise ClawError(f"{info.file}: tensor '{name}' has shape {tuple(t.shape)}, header says {info.shape}")
+        if _CHECK_FINITE.get():
+            nan, inf = count_nonfinite(t)
+            if nan or inf:
+                raise ClawError(describe_nonfinite(info.file, name, nan, inf, t.numel())
+                                + " (--check-finite)")
         return t
 
     def _read(self, name: str, info: TensorInfo) -> torch.Tensor:  # pragma: no cover
@@ -124,7 +245,15 @@ def _no_duplicates(pairs):
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict, dict]:
-    """Parse and validate a safetensors header: returns (data_start, entries, metadata)."""
+    """Parse and validate a safetensors header: returns (data_start, entries, metadata).
+
+    Checked before any tensor is read: the header length against the file, UTF-8 JSON with
+    no duplicate names, every entry's dtype, shape and offsets, each dtype x shape against
+    its data span, spans inside the file, not overlapping, and covering the data section
+    exactly (as the safetensors library requires).
+    """
+    path = Path(path)
+    require_file(path, "safetensors file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -132,18 +261,24 @@ def read_safetensors_header(path: Path) -> tuple[int, dict, dict]:
             if len(raw_len) < 8:
                 raise ClawError(f"{path}: not a safetensors file (only {size} bytes)")
             n = int.from_bytes(raw_len, "little")
-            if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise ClawError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+            if n <= 1 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ClawError(f"{path}: not a safetensors file, or truncated (header length {n}, file {size} bytes)")
             raw = f.read(n)
     except OSError as e:
         raise ClawError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(raw) != n:
+        raise ClawError(f"{path}: truncated while reading its header")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise ClawError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise ClawError(f"{path}: corrupt safetensors header ({e})") from e
+        raise ClawError(f"{path}: corrupt safetensors header ({_first_line(e)})") from e
     if not isinstance(header, dict):
         raise ClawError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ClawError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     data_start = 8 + n
     data_len = size - data_start
     entries = {}
@@ -151,17 +286,16 @@ def read_safetensors_header(path: Path) -> tuple[int, dict, dict]:
     for name, e in header.items():
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
             raise ClawError(f"{path}: corrupt safetensors header entry for '{name}'")
-        dtype = SAFETENSORS_DTYPES.get(e["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(e["dtype"]) if isinstance(e["dtype"], str) else None
         if dtype is None:
-            raise ClawError(f"{path}: tensor '{name}' has unsupported dtype {e['dtype']!r}")
+            raise ClawError(f"{path}: tensor '{name}' has unsupported dtype {e['dtype']!r}"[:300])
         shape, offs = e["shape"], e["data_offsets"]
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offs)):
-            raise ClawError(f"{path}: corrupt safetensors header entry for '{name}'")
+        if (not isinstance(shape, list) or not all(_is_count(s) and s < MAX_DIM for s in shape)
+                or not isinstance(offs, list) or len(offs) != 2 or not all(_is_count(o) for o in offs)):
+            raise ClawError(f"{path}: corrupt safetensors header entry for '{name}' (shape or data_offsets)")
         begin, end = offs
         expected = math.prod(shape) * itemsize(dtype)
-        if end - begin != expected:
+        if end < begin or end - begin != expected:
             raise ClawError(f"{path}: tensor '{name}' is {e['dtype']} {tuple(shape)} = {expected} bytes "
                             f"but its data span is {end - begin} bytes")
         if end > data_len:
@@ -172,7 +306,16 @@ def read_safetensors_header(path: Path) -> tuple[int, dict, dict]:
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ClawError(f"{path}: corrupt: tensors '{n0}' and '{n1}' overlap")
-    return data_start, entries, metadata if isinstance(metadata, dict) else {}
+    covered = max((e for _, e, _ in spans), default=0)
+    if covered != data_len:
+        raise ClawError(f"{path}: corrupt: {data_len - covered} bytes after the last tensor's data "
+                        f"(the header does not describe the whole file)")
+    return data_start, entries, metadata
+
+
+def _is_count(v: Any) -> bool:
+    """A non-negative JSON integer (``true`` is not 1 here)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class SafetensorsStore(TensorStore):
@@ -181,7 +324,7 @@ class SafetensorsStore(TensorStore):
     def __init__(self, path: Path, files: list[Path] | None = None):
         super().__init__(path)
         self._where: dict[str, tuple[Path, int, int]] = {}
-        for file in files or [Path(path)]:
+        for file in files if files is not None else [Path(path)]:
             data_start, entries, metadata = read_safetensors_header(file)
             self.metadata.update({str(k): str(v) for k, v in metadata.items()})
             for name, (shape, dtype, begin, end) in entries.items():
@@ -203,23 +346,56 @@ class SafetensorsStore(TensorStore):
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
 
-def open_sharded_index(index_path: Path) -> SafetensorsStore:
-    """``model.safetensors.index.json``: open only the shards it names, nothing outside its directory."""
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict)
-    except Exception as e:
-        raise ClawError(f"{index_path}: not a valid safetensors index ({e.__class__.__name__})") from e
-    root = index_path.parent.resolve()
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """An HF ``*.index.json``: ``weight_map`` tensor name -> shard file, every name listed once."""
+    index = read_json_file(index_path, "weights index (JSON)", reject_duplicates=True)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise ClawError(f"{index_path}: not a valid weights index (needs a 'weight_map' object)")
+    weight_map = index["weight_map"]
+    if not weight_map:
+        raise ClawError(f"{index_path}: not a valid weights index (its weight_map is empty)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ClawError(f"{index_path}: weight_map gives '{name}' the shard {shard!r}, not a file name"[:300])
+    return weight_map
+
+
+def _index_shards(index_path: Path, weight_map: dict[str, str]) -> list[Path]:
+    """The shard files an index names, each inside the index's directory and present."""
+    root = index_path.parent
     files = []
     for shard in dict.fromkeys(weight_map.values()):
-        p = (root / str(shard)).resolve()
-        if root not in p.parents:
-            raise ClawError(f"{index_path}: shard path '{shard}' escapes its directory")
-        if not p.is_file():
+        p = contained_path(root, shard, index_path, "shard path")
+        _check_link_target(root, p, index_path, shard)
+        if not p.exists():
             raise ClawError(f"{index_path}: shard '{shard}' is missing")
+        require_file(p, "weights shard")
         files.append(p)
+    return files
+
+
+def _check_link_target(root: Path, p: Path, origin: Path, shown: str) -> None:
+    """A symlinked shard must point inside its directory, or into the HF cache's blob store."""
+    try:
+        target = p.resolve()
+        real_root = root.resolve()
+    except (OSError, RuntimeError) as e:
+        raise ClawError(f"{origin}: shard '{shown}' cannot be resolved ({_first_line(e)})") from e
+    if target == real_root or real_root in target.parents:
+        return
+    for anc in [real_root, *real_root.parents]:
+        if anc.name == "snapshots":
+            if (anc.parent / "blobs") in target.parents:
+                return
+            break
+    raise ClawError(f"{origin}: shard '{shown}' is a link that escapes its directory (to {target})")
+
+
+def open_sharded_index(index_path: Path) -> SafetensorsStore:
+    """``model.safetensors.index.json``: open only the shards it names, nothing outside its directory."""
+    index_path = Path(index_path)
+    weight_map = read_weight_map(index_path)
+    files = _index_shards(index_path, weight_map)
     store = SafetensorsStore(index_path, files)
     for name, shard in weight_map.items():
         info = store._infos.get(name)
@@ -227,6 +403,10 @@ def open_sharded_index(index_path: Path) -> SafetensorsStore:
             raise ClawError(f"{index_path}: index lists '{name}' in {shard} but that shard does not hold it")
         if info.file.name != Path(shard).name:
             raise ClawError(f"{index_path}: index puts '{name}' in {shard} but it is stored in {info.file.name}")
+    unlisted = [n for n in store.keys() if n not in weight_map]
+    if unlisted:
+        raise ClawError(f"{index_path}: shard {store.info(unlisted[0]).file.name} holds '{unlisted[0]}', which the "
+                        f"index does not list ({len(unlisted)} such tensor{'s' if len(unlisted) > 1 else ''})")
     return store
 
 
@@ -244,9 +424,23 @@ def _unwrap_checkpoint(obj, path: Path) -> dict[str, torch.Tensor]:
                 return _unwrap_checkpoint(obj[key], path)
     if not isinstance(obj, dict):
         raise ClawError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        name = str(k)
+        if name in tensors:
+            raise ClawError(f"{path}: two entries are both named '{name}'")
+        if v.layout != torch.strided or v.device.type not in ("cpu",) or type(v) is not torch.Tensor \
+                and not isinstance(v, torch.nn.Parameter):
+            raise ClawError(f"{path}: tensor '{name}' is not a plain dense CPU tensor "
+                            f"({v.layout}, {v.device.type}, {type(v).__name__}); cannot convert it")
+        if v.dtype not in STORABLE_DTYPES:
+            raise ClawError(f"{path}: tensor '{name}' has dtype {str(v.dtype).replace('torch.', '')}, "
+                            f"which no output format stores")
+        tensors[name] = v
     if not tensors:
-        raise ClawError(f"{path}: holds no tensors (keys: {', '.join(list(map(str, obj))[:8])})")
+        raise ClawError(f"{path}: holds no tensors (keys: {', '.join(list(map(str, obj))[:8])})"[:300])
     return tensors
 
 
@@ -277,10 +471,22 @@ class TorchPickleStore(TensorStore):
         return self._tensors[name].clone()
 
 
+REFUSED_PICKLE = ("refused: this pickle wants to run code or build objects that safe loading (weights_only) "
+                  "does not allow ({detail}); re-run with --unsafe-pickle only if you trust its author")
+
+
 def load_torch_file(path: Path, unsafe_pickle: bool = False):
-    """torch.load with weights_only unless the user opted out; mmap when the file allows it."""
-    if path.is_dir() or not path.exists():
-        raise ClawError(f"{path}: not a file")
+    """torch.load with weights_only unless the user opted out; mmap when the file allows it.
+
+    With ``weights_only`` (the default) torch's restricted unpickler refuses any global it
+    does not know to be data, so a checkpoint cannot run code.  ``unsafe_pickle`` lifts that,
+    with a warning on stderr naming the file.
+    """
+    path = Path(path)
+    require_file(path, "torch checkpoint")
+    if unsafe_pickle:
+        print(f"clawconvert: warning: {path}: --unsafe-pickle: loading with full pickle, which runs any code "
+              f"the file carries; use only on files from authors you trust", file=sys.stderr)
     kw = dict(map_location="cpu", weights_only=not unsafe_pickle)
     try:
         try:
@@ -288,16 +494,34 @@ def load_torch_file(path: Path, unsafe_pickle: bool = False):
         except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
             if "mmap" not in str(e) and "zip" not in str(e):
                 raise
+            if zipfile.is_zipfile(path):
+                raise
             return torch.load(path, **kw)
+    except ClawError:
+        raise
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling error"
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in str(e):
-            raise ClawError(f"{path}: refused: this pickle wants to run code or build objects that safe loading "
-                            f"does not allow; re-run with --unsafe-pickle only if you trust its author") from e
-        raise ClawError(f"{path}: not a readable torch checkpoint ({first})") from e
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, AttributeError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-        raise ClawError(f"{path}: not a readable torch checkpoint ({first})") from e
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text or "Weights only load failed" in text:
+            detail = _refusal_detail(text)
+            raise ClawError(f"{path}: " + REFUSED_PICKLE.format(detail=detail)) from e
+        raise ClawError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from e
+    except MemoryError as e:
+        raise ClawError(f"{path}: not a readable torch checkpoint (it asks for more memory than there is)") from e
+    except RecursionError as e:
+        raise ClawError(f"{path}: not a readable torch checkpoint (nested too deeply)") from e
+    except Exception as e:  # torch raises many kinds on corrupt zips and pickles; none is a bug of ours
+        raise ClawError(f"{path}: not a readable torch checkpoint ({e.__class__.__name__}: {_first_line(e)})") from e
+
+
+def _refusal_detail(text: str) -> str:
+    """The global torch's restricted unpickler refused, e.g. ``posix.system``."""
+    m = re.search(r"(?:Unsupported global|GLOBAL)[^A-Za-z_]*([A-Za-z_][\w.]*(?:\.[\w]+)*)", text)
+    if m:
+        return f"it imports {m.group(1)}"
+    for line in text.splitlines():
+        if "Unsupported" in line or "not allowed" in line or "unsupported" in line:
+            return line.strip()[:160]
+    return "unsupported pickle content"
 
 
 # ------------------------------------------------------------------------------------
@@ -317,33 +541,63 @@ def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 class NpzStore(TensorStore):
-    """A numpy ``.npz`` archive; each ``.npy`` member's header is read up front, data on demand."""
+    """A numpy ``.npz`` archive; each ``.npy`` member's header is read up front, data on demand.
+
+    Checked when opened: the zip directory, no member named twice, every ``.npy`` header,
+    no object (pickled) arrays, and each member's size against its header's dtype x shape,
+    so a truncated or contradictory member is refused before anything is read.
+    """
 
     def __init__(self, path: Path):
         super().__init__(path)
+        require_file(Path(path), ".npz archive")
         try:
             self._zip = zipfile.ZipFile(path)
             members = self._zip.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise ClawError(f"{path}: not a valid .npz archive ({e})") from e
+        except Exception as e:  # BadZipFile, OSError, ValueError, struct/EOF errors on mangled archives
+            raise ClawError(f"{path}: not a valid .npz archive ({_first_line(e)})") from e
+        try:
+            self._scan(members)
+        except BaseException:
+            self._zip.close()
+            raise
+
+    def _scan(self, members: list[zipfile.ZipInfo]) -> None:
+        path = self.path
         self._members: dict[str, tuple[zipfile.ZipInfo, tuple, np.dtype, bool]] = {}
+        seen: set[str] = set()
         for m in members:
+            if m.filename in seen:
+                raise ClawError(f"{path}: member '{m.filename}' is stored twice")
+            seen.add(m.filename)
             if not m.filename.endswith(".npy"):
                 continue
             name = m.filename[:-4]
+            if m.flag_bits & 0x1:
+                raise ClawError(f"{path}: member '{m.filename}' is encrypted")
             try:
                 with self._zip.open(m) as f:
                     shape, fortran, dtype = read_npy_header(f)
+                    header_len = f.tell()
             except Exception as e:
-                raise ClawError(f"{path}: member '{m.filename}' is corrupt ({e.__class__.__name__}: {e})") from e
+                raise ClawError(f"{path}: member '{m.filename}' is corrupt ({e.__class__.__name__}: {_first_line(e)})") from e
             if dtype.hasobject:
                 raise ClawError(f"{path}: member '{name}' holds Python objects; refusing to unpickle it")
             if dtype.kind in "US":  # strings (e.g. a stored pipeline description) are not weights
                 continue
+            if any(d >= MAX_DIM for d in shape):
+                raise ClawError(f"{path}: member '{m.filename}' is corrupt (shape {shape})")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if m.file_size != header_len + nbytes:
+                what = "truncated" if m.file_size < header_len + nbytes else "longer than its header says"
+                raise ClawError(f"{path}: member '{m.filename}' is {what}: {dtype} {tuple(shape)} needs "
+                                f"{nbytes} bytes of data, the member holds {m.file_size - header_len}")
             try:
                 tdtype = numpy_to_torch_dtype(dtype)
-            except TypeError as e:
-                raise ClawError(f"{path}: member '{name}': {e}") from e
+            except Exception as e:
+                raise ClawError(f"{path}: member '{name}': {_first_line(e)}") from e
+            if tdtype not in STORABLE_DTYPES:
+                raise ClawError(f"{path}: member '{name}' has dtype {dtype}, which no output format stores")
             self._members[name] = (m, tuple(shape), dtype, fortran)
             self._infos[name] = TensorInfo(name, tuple(shape), tdtype, Path(path))
 
@@ -397,8 +651,11 @@ def open_tensors(path: str | os.PathLike, unsafe_pickle: bool = False, prefer: t
         raise ClawError(f"{path}: no such file or directory")
     if path.is_dir():
         for name in prefer:
-            if (path / name).is_file():
-                return open_tensors(path / name, unsafe_pickle, prefer)
+            candidate = path / name
+            if candidate.is_file():
+                return open_tensors(candidate, unsafe_pickle, prefer)
+            if candidate.exists() or candidate.is_symlink():
+                require_file(candidate, "weights file")  # a directory, a dangling link, a FIFO: say so
         raise ClawError(f"{path}: no weights file found (looked for {', '.join(prefer)})")
     if path.name.endswith(".safetensors.index.json"):
         return open_sharded_index(path)
@@ -407,8 +664,7 @@ def open_tensors(path: str | os.PathLike, unsafe_pickle: bool = False, prefer: t
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise ClawError(f"{path}: unknown weights file type '{path.suffix}' (known: {', '.join(READERS)})")
-    if path.stat().st_size == 0:
-        raise ClawError(f"{path}: empty file")
+    require_file(path, "weights file")
     return reader(path, unsafe_pickle=unsafe_pickle)
 
 
@@ -419,7 +675,8 @@ class _MultiStore(TensorStore):
         for s in stores:
             for name, info in s.infos().items():
                 if name in self._infos:
-                    raise ClawError(f"{path}: tensor '{name}' appears in two shards")
+                    raise ClawError(f"{path}: tensor '{name}' appears in two shards "
+                                    f"({self._infos[name].file.name} and {info.file.name})")
                 self._infos[name] = info
                 self._owner[name] = s
 
@@ -428,17 +685,14 @@ class _MultiStore(TensorStore):
 
 
 def _open_pickle_index(index_path: Path, unsafe_pickle: bool) -> TensorStore:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except Exception as e:
-        raise ClawError(f"{index_path}: not a valid weights index") from e
-    root = index_path.parent.resolve()
-    stores = []
-    for shard in dict.fromkeys(weight_map.values()):
-        p = (root / str(shard)).resolve()
-        if root not in p.parents:
-            raise ClawError(f"{index_path}: shard path '{shard}' escapes its directory")
-        if not p.is_file():
-            raise ClawError(f"{index_path}: shard '{shard}' is missing")
-        stores.append(TorchPickleStore(p, unsafe_pickle=unsafe_pickle))
-    return _MultiStore(index_path, stores)
+    """``pytorch_model.bin.index.json``: the same checks as a safetensors index."""
+    weight_map = read_weight_map(index_path)
+    stores = [TorchPickleStore(p, unsafe_pickle=unsafe_pickle) for p in _index_shards(index_path, weight_map)]
+    store = _MultiStore(index_path, stores)
+    for name, shard in weight_map.items():
+        info = store._infos.get(name)
+        if info is None:
+            raise ClawError(f"{index_path}: index lists '{name}' in {shard} but that shard does not hold it")
+        if info.file.name != Path(shard).name:
+            raise ClawError(f"{index_path}: index puts '{name}' in {shard} but it is stored in {info.file.name}")
+    return store

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -37,6 +38,13 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def _with_file(e: OSError, path: Path) -> OSError:
+    """The same OSError, naming the file being written (plain writes leave ``filename`` empty)."""
+    if e.filename:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's raw little-endian bytes without copying when it is already contiguous."""
     t = t.detach().contiguous().reshape(-1)
@@ -61,6 +69,10 @@ class SafetensorsWriter:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ClawError(f"output would hold duplicate tensor names: {', '.join(dup[:5])}")
+        for name, shape, dtype in plan:
+            if dtype not in TORCH_TO_SAFETENSORS:
+                raise ClawError(f"tensor '{name}' has dtype {str(dtype).replace('torch.', '')}, "
+                                f"which safetensors cannot store")
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -88,15 +100,23 @@ class SafetensorsWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
             path = self.directory / fname
-            f = open(path, "wb")
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
             data_start = 8 + len(raw)
-            f.truncate(data_start + offset)
+            try:
+                f = open(path, "wb")
+            except OSError as e:
+                self.abort()
+                raise _with_file(e, path) from e
+            self._handles.append(f)
+            try:
+                f.write(len(raw).to_bytes(8, "little"))
+                f.write(raw)
+                f.truncate(data_start + offset)
+            except OSError as e:
+                self.abort()
+                raise _with_file(e, path) from e
             for name, shape, dtype in shard:
                 b, e = header[name]["data_offsets"]
-                self._where[name] = (len(self._handles), data_start + b, e - b, dtype, tuple(shape))
-            self._handles.append(f)
+                self._where[name] = (len(self._handles) - 1, data_start + b, e - b, dtype, tuple(shape))
             self.files.append(path)
             self.total_size += offset
         self._pending = set(self._where)
@@ -114,16 +134,27 @@ class SafetensorsWriter:
         if len(data) != nbytes:
             raise ClawError(f"internal: tensor '{name}' is {len(data)} bytes, planned {nbytes}")
         f = self._handles[fi]
-        f.seek(offset)
-        f.write(data)
+        try:
+            f.seek(offset)
+            written = f.write(data)
+        except OSError as e:
+            raise _with_file(e, self.files[fi]) from e
+        if written is not None and written != len(data):
+            raise OSError(28, os.strerror(28), str(self.files[fi]))
         self._pending.discard(name)
 
     def close(self) -> list[Path]:
         """Flush everything; refuse to finish while a planned tensor was never written."""
-        for f in self._handles:
-            f.flush()
+        handles, self._handles = self._handles, []
+        for f, path in zip(handles, self.files):
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                for g in handles:
+                    g.close()
+                raise _with_file(e, path) from e
             f.close()
-        self._handles = []
         if self._pending:
             missing = sorted(self._pending)
             raise ClawError(f"{len(missing)} planned tensors were never written: {', '.join(missing[:5])}")
@@ -131,14 +162,20 @@ class SafetensorsWriter:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {name: self.files[w[0]].name for name, w in sorted(self._where.items())}}
             ipath = self.directory / f"{self.basename}.safetensors.index.json"
-            ipath.write_text(json.dumps(index, indent=2) + "\n")
+            try:
+                ipath.write_text(json.dumps(index, indent=2) + "\n")
+            except OSError as e:
+                raise _with_file(e, ipath) from e
             return self.files + [ipath]
         return list(self.files)
 
     def abort(self) -> None:
-        for f in self._handles:
-            f.close()
-        self._handles = []
+        handles, self._handles = self._handles, []
+        for f in handles:
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 class NpzWriter:
@@ -162,12 +199,23 @@ class NpzWriter:
                 arr = t.numpy()
         else:
             arr = np.ascontiguousarray(tensor)
-        with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, arr, allow_pickle=False)
+        if arr.dtype.hasobject:
+            raise ClawError(f"tensor '{name}' holds Python objects; .npz outputs hold arrays only")
+        try:
+            with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, arr, allow_pickle=False)
+        except OSError as e:
+            raise _with_file(e, self.path) from e
 
     def close(self) -> list[Path]:
-        self._zip.close()
+        try:
+            self._zip.close()
+        except OSError as e:
+            raise _with_file(e, self.path) from e
         return [self.path]
 
     def abort(self) -> None:
-        self._zip.close()
+        try:
+            self._zip.close()
+        except (OSError, ValueError):
+            pass
