@@ -66,9 +66,14 @@ def hf_runner(ckpt: Checkpoint) -> Runner:
                                  + "; ".join(f"{k}: {', '.join(map(str, v))[:200]}" for k, v in bad.items()))
     model.eval()
     return Runner(f"transformers {cls.__name__}",
-                  image=lambda x: _features(model.get_image_features(pixel_values=x)),
+                  image=lambda x: _features(model.get_image_features(**_pixels(x))),
                   text=lambda ids: _features(model.get_text_features(input_ids=ids)),
-                  logits=lambda x, ids: model(input_ids=ids, pixel_values=x).logits_per_image)
+                  logits=lambda x, ids: model(input_ids=ids, **_pixels(x)).logits_per_image)
+
+
+def _pixels(x: Any) -> dict[str, Any]:
+    """Image inputs: a pixel tensor, or a dict of them (NaFlex: patches, mask, grid shapes)."""
+    return dict(x) if isinstance(x, dict) else {"pixel_values": x}
 
 
 def openclip_runner(ckpt: Checkpoint) -> Runner:
@@ -117,7 +122,13 @@ def _openclip_from_cfg(model_cfg: dict, ckpt: Checkpoint):
 
 
 # format name -> runner factory; formats without a framework runner cannot be --verify'd
-RUNNERS: dict[str, Callable[[Checkpoint], Runner]] = {"hf": hf_runner, "openclip": openclip_runner}
+def big_vision_runner(ckpt: Checkpoint) -> Runner:
+    from .verify_big_vision import big_vision_runner as run  # a torch reference forward: jax is not needed
+    return run(ckpt)
+
+
+RUNNERS: dict[str, Callable[[Checkpoint], Runner]] = {"hf": hf_runner, "openclip": openclip_runner,
+                                                      "big_vision": big_vision_runner}
 
 
 def sample_inputs(config: Any, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +160,8 @@ def compare(a: Checkpoint, b: Checkpoint, tolerance: float = 1e-4, seed: int = 0
             raise ClawError(f"{ck.path}: no framework runner for {ck.format} checkpoints; verify against a converted copy")
         runners.append(RUNNERS[ck.format](ck))
     ra, rb = runners
-    pixels, ids = sample_inputs(a.config, seed=seed)
+    make_inputs = getattr(a.family, "sample_inputs", None) or sample_inputs  # NaFlex: patches, not images
+    pixels, ids = make_inputs(a.config, seed=seed)
     figures: dict[str, Any] = {"a": ra.name, "b": rb.name, "tolerance": tolerance}
     with torch.no_grad():
         for what, attr, args in (("image_embeds", "image", (pixels,)), ("text_embeds", "text", (ids,)),
