@@ -152,13 +152,15 @@ def refuse_lone_tower(path: Path, tower: str) -> None:
     except (ValueError, UnicodeDecodeError, AttributeError):
         return
     from ..families import all_families
+    if not model_type or any(model_type in fam.hf_model_types for fam in all_families().values()):
+        return  # a full model (or a type no family knows, which opening it reports)
     for fam in all_families().values():
         for t in fam.towers:
             try:
                 tower_type = getattr(fam.tower_model_class(t, False).config_class, "model_type", None)
             except ClawError:
                 continue
-            if model_type and model_type == tower_type:
+            if model_type == tower_type:
                 if t == tower:
                     raise ClawError(f"{path}: is already a lone {fam.name} {t} tower ({model_type}); "
                                     f"extraction reads full {fam.name} models")
@@ -320,8 +322,8 @@ def verify_tower(ckpt: Checkpoint, options: SourceOptions, out: Path, tower: str
     ref_fmt = "hf" if to == "timm" else to
     figures: dict[str, Any] = {}
     full = ckpt
-    if ckpt.format != ref_fmt:
-        # the full model in the tower's framework: clawconvert's own lossless conversion of the source
+    if ckpt.format != ref_fmt or _dtype(dtype) is not None:
+        # the full model in the tower's framework and dtype: clawconvert's own conversion of the source
         tmpdir = Path(tempfile.mkdtemp(prefix="full-", dir=scratch))
         convert(ckpt.path, tmpdir / "full", to=ref_fmt, src_format=ckpt.format, model_name=options.model_name,
                 model_config=options.model_config, dtype=dtype, unsafe_pickle=options.unsafe_pickle)
