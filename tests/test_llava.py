@@ -139,17 +139,23 @@ def test_untied_language_model_grows_embedding_and_head(vlm, tmp_path):
     assert diff < TOL
 
 
-def test_connector_from_adapter_modules_to_save_in_llava_layout(vlm):
-    """An adapter that carries the connector (LLaVA's model.mm_projector.{0,2}) needs no --connector."""
+def _adapter_with_projector(adapter, proj, path):
+    """The adapter plus the connector under LLaVA's name, as modules_to_save would store it."""
     from safetensors.torch import load_file, save_file
-    work, base, adapter, vision, proj, _ = vlm
-    with_proj = work / "lora-with-projector"
-    with_proj.mkdir()
-    (with_proj / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    path.mkdir()
+    (path / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     tensors = load_file(adapter / "adapter_model.safetensors")
     tensors.update({f"base_model.model.model.mm_projector.{k}": v for k, v in proj.state_dict().items()})
-    save_file(tensors, with_proj / "adapter_model.safetensors", metadata={"format": "pt"})
-    out = work / "llava-from-adapter"
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_connector_from_adapter_modules_to_save_in_llava_layout(vlm, tmp_path):
+    """An adapter that carries the connector (LLaVA's model.mm_projector.{0,2}) needs no --connector."""
+    from safetensors.torch import load_file
+    work, base, adapter, vision, proj, _ = vlm
+    with_proj = _adapter_with_projector(adapter, proj, tmp_path / "lora-with-projector")
+    out = tmp_path / "llava-from-adapter"
     assert run_cli(base, with_proj, out, "--vision", vision) == 0
     weights = load_file(out / "model.safetensors")
     assert torch.equal(weights["multi_modal_projector.linear_1.weight"], proj[0].weight.detach())
@@ -224,7 +230,10 @@ def test_unknown_connector_layout(vlm, tmp_path, capsys):
 
 
 def test_vision_without_connector_and_non_vision_source(vlm, tmp_path, capsys):
-    _, base, adapter, vision, _, _ = vlm
+    _, base, adapter, vision, proj, _ = vlm
+    with_proj = _adapter_with_projector(adapter, proj, tmp_path / "lora-with-projector")
+    line = _fails(capsys, tmp_path / "o0", base, with_proj)
+    assert "'base_model.model.model.mm_projector.0.bias'" in line and "pass --vision" in line
     assert "needs a connector" in _fails(capsys, tmp_path / "o1", base, adapter, "--vision", vision)
     torch.save(feature_proj().state_dict(), tmp_path / "fp.bin")
     line = _fails(capsys, tmp_path / "o2", base, adapter, "--vision", base, "--connector", tmp_path / "fp.bin")

@@ -171,7 +171,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                         f"causal LM")
     if connector is not None and vision is None:
         raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
-    text_config = dict(base_config["text_config"] if is_llava else base_config)
+    text_config = dict((base_config.get("text_config") or {}) if is_llava else base_config)
     tied = _effective_tie(base_path)
     adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle)
     base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
@@ -204,9 +204,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         assembly.connector = conn
     if leftovers:
         path, key = next(iter(leftovers.items()))
-        hint = ""
-        if llava.detect_connector(adapter_obj.store, leftovers.values(), str(adapter_path)) is not None:
-            hint = "; it looks like a connector: pass --vision to assemble a LLaVA model"
+        hint = "; it looks like a connector: pass --vision to assemble a LLaVA model" if any(
+            llava.looks_like_connector(p) for p in leftovers) else ""
         raise ClawError(f"adapter tensor '{key}' has no counterpart '{path}' in BASE {base_path}{hint}",
                         details=[f"adapter tensor '{k}' has no counterpart '{p}'" for p, k in
                                  list(leftovers.items())[1:]])

@@ -89,6 +89,10 @@ class Connector:
         return self.tensors[role][1]
 
 
+def looks_like_connector(name: str) -> bool:
+    return any(pattern.match(name) for _, pattern, _ in CONNECTOR_LAYOUTS)
+
+
 def detect_connector(store: TensorStore, names: Iterable[str], origin: str) -> Connector | None:
     """Find exactly one Linear-GELU-Linear group among ``names``; None when there is none."""
     found: dict[tuple[str, str], dict[str, str]] = {}

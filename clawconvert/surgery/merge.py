@@ -235,14 +235,14 @@ def _decide_tie(embed: Recipe, head: Recipe, adapter: Adapter, embed_key: str, h
     touched = embed.changes or head.changes
     if same:
         how = ("the adapter does not touch them" if not touched else
-               "both sides carry the same change (peft ensure_weight_tying); it is applied once, "
-               "not twice as peft's merge_and_unload does (W + 2*delta)")
+               "both sides carry the same change (as peft's ensure_weight_tying makes them); it is applied "
+               "once, not twice as peft's merge_and_unload does (W + 2*delta)")
         return False, {"tied": True, "action": "kept", "detail": f"tied embeddings kept: {how}"}
     sides = [n for n, r in ((embed_key, embed), (head_name, head)) if r.changes]
+    what = f"only {sides[0]} changes" if len(sides) == 1 else f"{sides[0]} and {sides[1]} change differently"
     return True, {"tied": True, "action": "untied",
-                  "detail": (f"tied embeddings untied: in the unmerged PEFT model only {' and '.join(sides)} "
-                             f"changes{'' if len(sides) == 1 else ', differently'}, so {head_name} is written as "
-                             f"its own tensor and tie_word_embeddings is set to false")}
+                  "detail": (f"tied embeddings untied: in the unmerged PEFT model {what}, so {head_name} is "
+                             f"written as its own tensor and tie_word_embeddings is set to false")}
 
 
 def build_tensor(t: OutTensor, base: TensorStore, adapter: Adapter) -> torch.Tensor:
