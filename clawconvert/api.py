@@ -20,6 +20,7 @@ from .io.dtypes import CLI_DTYPES
 from .io.writers import parse_size
 from .provenance import source_fingerprint, write_manifest
 from .tables import load_table
+from .verify import default_tolerance
 
 
 @dataclass
@@ -116,6 +117,10 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
         notes += ckpt.family.target_notes(ckpt, to)
         figures = None
         if verify:
+            if tolerance is None and ckpt.family.expected_drift(ckpt, to):
+                tolerance = max(default_tolerance(out_dtype), ckpt.family.expected_drift(ckpt, to))
+                notes.append(f"--verify tolerance {tolerance:g}: the {to} model computes slightly differently "
+                             f"by construction (see the note above); a mis-mapped tensor differs by far more")
             figures = _verify_pair(ckpt, tmp, to, tolerance, out_dtype)
         if not target.writes_file:
             write_manifest(tmp, {

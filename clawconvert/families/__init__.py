@@ -91,6 +91,11 @@ class Family:
         """What a conversion of ``ckpt`` to ``target`` changes that the user should know."""
         return []
 
+    def expected_drift(self, ckpt: Any, target: str) -> float:
+        """How far ``--verify`` may find the outputs apart when the target framework computes
+        something slightly different by construction (e.g. exact instead of tanh GELU); 0: nothing."""
+        return 0.0
+
     # -- towers (clawconvert extract-visual / extract-text) ---------------------------------
     def tower_prefixes(self, tower: str, with_projection: bool) -> tuple[str, ...]:
         """Canonical key prefixes of one tower: its body, plus its projection when asked for."""

@@ -99,6 +99,10 @@ class Siglip2Family(Family):
         from .siglip import FAMILY as SIGLIP
         return SIGLIP.target_notes(ckpt, target) if target == "big_vision" else []
 
+    def expected_drift(self, ckpt, target: str) -> float:
+        from .siglip import FAMILY as SIGLIP
+        return SIGLIP.expected_drift(ckpt, target) if target == "big_vision" else 0.0
+
     def sample_inputs(self, config, batch: int = 2, seed: int = 0):
         """NaFlex inputs: flattened patches of two grids (one square, one not), padding, Gemma-style ids."""
         import torch
