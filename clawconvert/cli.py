@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .io.readers import finite_checks
     try:
-        return int(args.func(args) or 0)
+        # --check-finite (source options): every tensor read from a source is checked for NaN/Inf
+        with finite_checks(getattr(args, "check_finite", False) is True and args.command != "verify"):
+            return int(args.func(args) or 0)
     except ClawError as err:
         if debug:
             traceback.print_exc()

@@ -32,3 +32,5 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
                    help="OpenCLIP checkpoint file: a model config JSON (bare or with 'model_cfg')")
     g.add_argument("--unsafe-pickle", action="store_true",
                    help="load pickle checkpoints without weights_only (runs code from the file: trusted files only)")
+    g.add_argument("--check-finite", action="store_true",
+                   help="refuse source tensors holding NaN or Inf (reads every tensor; on by default in verify)")

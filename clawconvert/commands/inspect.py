@@ -25,6 +25,8 @@ def run(args) -> int:
     from .. import api
     info = api.inspect(args.path, src_format=args.src_format, model_name=args.model_name,
                        model_config=args.model_config, unsafe_pickle=args.unsafe_pickle)
+    if getattr(args, "check_finite", False):
+        _check_finite(args)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -40,3 +42,23 @@ def run(args) -> int:
         else:
             print(f"  {k}: {v}")
     return 0
+
+
+def _check_finite(args) -> None:
+    """inspect reads headers only; --check-finite also reads every tensor once and refuses NaN/Inf."""
+    from pathlib import Path
+
+    from ..api import resolve
+    from ..errors import ClawError
+    from ..formats import SourceOptions, open_checkpoint
+    from ..io.readers import scan_nonfinite
+    ckpt = open_checkpoint(resolve(args.path)[0], SourceOptions(
+        format=args.src_format, model_name=args.model_name,
+        model_config=Path(args.model_config) if args.model_config else None, unsafe_pickle=args.unsafe_pickle))
+    try:
+        problems = scan_nonfinite(ckpt.store)
+    finally:
+        ckpt.store.close()
+    if problems:
+        raise ClawError(problems[0] + (f" (and {len(problems) - 1} more tensors)" if len(problems) > 1 else ""),
+                        details=problems[1:])

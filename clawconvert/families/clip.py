@@ -250,20 +250,23 @@ def write_clip_tokenizer(out_dir: Path, context_length: int) -> None:
 def read_hf_preprocess(src_dir: Path) -> dict:
     """HF ``preprocessor_config.json`` -> open_clip-style ``preprocess_cfg``."""
     path = Path(src_dir) / "preprocessor_config.json"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return {}
-    try:
-        p = json.loads(path.read_text())
-    except ValueError as e:
-        raise ClawError(f"{path}: invalid JSON ({e})") from e
+    from ..io.readers import read_json_file
+    p = read_json_file(path, "preprocessor config")  # one-line errors: empty, a directory, bad or deep JSON
+    if not isinstance(p, dict):
+        raise ClawError(f"{path}: not a JSON object")
     inv = {v: k for k, v in _INTERPOLATION.items()}
     out: dict[str, Any] = {}
-    if "image_mean" in p:
-        out["mean"] = tuple(p["image_mean"])
-    if "image_std" in p:
-        out["std"] = tuple(p["image_std"])
+    for key, name in (("image_mean", "mean"), ("image_std", "std")):
+        if key in p:
+            v = p[key]
+            v = [v] * 3 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            if not (isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                raise ClawError(f"{path}: '{key}' must be a list of numbers (got {json.dumps(p[key])[:60]})")
+            out[name] = tuple(v)
     if "resample" in p:
-        out["interpolation"] = inv.get(p["resample"], "bicubic")
+        out["interpolation"] = inv.get(p["resample"], "bicubic") if isinstance(p["resample"], int) else "bicubic"
     size = p.get("size") or {}
     if isinstance(size, dict) and "height" in size and not p.get("do_center_crop", True):
         out["resize_mode"] = "squash"

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ClawError
 from ..families import Extras, Family, family_for_hf_model_type
-from ..io.readers import open_tensors
+from ..io.readers import open_tensors, read_json_file
 from . import Checkpoint, Format, SourceOptions
 
 HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -20,12 +20,9 @@ HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_mode
 
 def read_config_json(path: Path) -> dict:
     cfg = path / "config.json" if path.is_dir() else path
-    if not cfg.is_file():
+    if not cfg.exists():
         raise ClawError(f"{path}: no config.json")
-    try:
-        data = json.loads(cfg.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ClawError(f"{cfg}: invalid JSON ({e})") from e
+    data = read_json_file(cfg, "config.json")  # one-line errors: empty, a directory, not UTF-8, bad or deep JSON
     if not isinstance(data, dict):
         raise ClawError(f"{cfg}: not a JSON object")
     return data
@@ -40,9 +37,10 @@ class HFFormat(Format):
         if not path.is_dir() or not (path / "config.json").is_file():
             return False
         try:
-            return "model_type" in json.loads((path / "config.json").read_text())
-        except (ValueError, UnicodeDecodeError):
-            return False
+            data = read_json_file(path / "config.json", "config.json")
+        except ClawError:
+            return True  # unreadable: open() says what is wrong with it, rather than "cannot tell its format"
+        return isinstance(data, dict) and "model_type" in data
 
     def open(self, path: Path, options: SourceOptions) -> Checkpoint:
         if not path.is_dir():

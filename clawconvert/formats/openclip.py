@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ClawError
 from ..families import Extras, Family, family_claiming
-from ..io.readers import READERS, open_tensors
+from ..io.readers import READERS, open_tensors, read_json_file
 from . import Checkpoint, Format, SourceOptions
 
 CONFIG_NAME = "open_clip_config.json"
@@ -28,12 +28,7 @@ PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ClawError(f"{path}: cannot read ({e.strerror or e})") from e
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ClawError(f"{path}: invalid JSON ({e})") from e
+    data = read_json_file(Path(path), "JSON config")  # one-line errors: empty, a directory, bad or deep JSON
     if not isinstance(data, dict):
         raise ClawError(f"{path}: not a JSON object")
     return data
@@ -65,13 +60,15 @@ class OpenClipFormat(Format):
     def detect(self, path: Path) -> bool:
         if path.is_dir():
             return (path / CONFIG_NAME).is_file()
-        if path.suffix.lower() not in READERS or path.suffix.lower() == ".npz":
+        suffix = path.suffix.lower()
+        if suffix not in READERS or suffix == ".npz":
             return False
-        try:
-            with open_tensors(path) as store:
-                return any(k in store for k in SENTINELS)
-        except ClawError:
-            return False
+        if suffix != ".safetensors":
+            # a pickle is unpickled once, in open(), with the user's --unsafe-pickle choice:
+            # detection never loads it (and never hides a refusal behind "cannot tell its format")
+            return True
+        with open_tensors(path) as store:  # a corrupt file says what is wrong with it
+            return any(k in store for k in SENTINELS)
 
     def open(self, path: Path, options: SourceOptions) -> Checkpoint:
         if path.is_dir():

@@ -19,6 +19,7 @@ import pickle
 import re
 import stat
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,14 +490,9 @@ def load_torch_file(path: Path, unsafe_pickle: bool = False):
               f"the file carries; use only on files from authors you trust", file=sys.stderr)
     kw = dict(map_location="cpu", weights_only=not unsafe_pickle)
     try:
-        try:
-            return torch.load(path, mmap=True, **kw)
-        except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            if zipfile.is_zipfile(path):
-                raise
-            return torch.load(path, **kw)
+        with warnings.catch_warnings():  # torch's chatter (pickle protocol, storage deprecations) is not ours
+            warnings.simplefilter("ignore")
+            return _torch_load(path, kw)
     except ClawError:
         raise
     except pickle.UnpicklingError as e:
@@ -511,6 +507,17 @@ def load_torch_file(path: Path, unsafe_pickle: bool = False):
         raise ClawError(f"{path}: not a readable torch checkpoint (nested too deeply)") from e
     except Exception as e:  # torch raises many kinds on corrupt zips and pickles; none is a bug of ours
         raise ClawError(f"{path}: not a readable torch checkpoint ({e.__class__.__name__}: {_first_line(e)})") from e
+
+
+def _torch_load(path: Path, kw: dict):
+    try:
+        return torch.load(path, mmap=True, **kw)
+    except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise
+        if zipfile.is_zipfile(path):
+            raise
+        return torch.load(path, **kw)
 
 
 def _refusal_detail(text: str) -> str:
@@ -531,6 +538,12 @@ def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran_order, dtype) of the ``.npy`` stream ``f``, leaving it at the data.
 
     numpy 2.x keeps only the versioned readers public (``_read_array_header`` moved)."""
+    with warnings.catch_warnings():  # e.g. "created on Python 2": numpy's chatter, not a problem
+        warnings.simplefilter("ignore")
+        return _read_npy_header(f)
+
+
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(f)
