@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,6 +187,30 @@ def test_siglip_tower_keeps_every_patch(vlm, tmp_path):
         expected = torch.nn.functional.gelu(hidden @ w1.T) @ w2.T
         got = model.eval().model.get_image_features(pixel_values=inputs.pixel_values).pooler_output[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+def test_openclip_tower_goes_through_extract_visual(vlm, tmp_path):
+    """--vision with an OpenCLIP directory: features equal open_clip's own transformer output, projected."""
+    open_clip = pytest.importorskip("open_clip")
+    work, base, adapter, _, proj, _ = vlm
+    source = Path(__file__).parent.parent / "fixtures" / "openclip_tiny"
+    out = tmp_path / "llava-openclip"
+    assert run_cli(base, adapter, out, "--vision", source, "--connector", work / "other_params.bin") == 0
+    assert not list(tmp_path.glob(".clawconvert-tmp-*"))             # the scratch tower is gone
+    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    inputs = processor(images=_image(2), text="<image> describe", return_tensors="pt")
+    reference = open_clip.create_model(f"local-dir:{source}").eval()
+    captured = {}
+    reference.visual.transformer.register_forward_hook(lambda m, i, o: captured.setdefault("tokens", o))
+    with torch.no_grad():
+        reference.encode_image(inputs.pixel_values)
+        expected = proj(captured["tokens"][0, 1:])                       # last block's output, CLS dropped
+        got = model.eval().model.get_image_features(pixel_values=inputs.pixel_values).pooler_output[0]
+    diff = (got - expected).abs().max().item()
+    print(f"OpenCLIP tower through extract-visual: max feature diff {diff:.2e}")
+    assert diff < TOL
 
 
 def test_vision_tower_source_takes_the_vision_half_of_a_clip_model(tmp_path):

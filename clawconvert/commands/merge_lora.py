@@ -7,9 +7,11 @@ in :mod:`clawconvert.surgery` (``lora``: adapter and arithmetic, ``merge``: plan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 
 from ..errors import ClawError
 from ..hub import add_push_option, maybe_push, resolve_source
-from ..io.atomic import atomic_output_dir
+from ..io.atomic import TMP_PREFIX, atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, output_dtype
 from ..io.readers import open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
@@ -53,7 +55,10 @@ and tie_word_embeddings is set to false.  The command prints which it did.
 Without --vision, OUT is the merged model in BASE's own architecture, with BASE's
 tokenizer and other files copied.
 
-With --vision and a connector, OUT is an HF LlavaForConditionalGeneration directory:
+With --vision and a connector, OUT is an HF LlavaForConditionalGeneration directory.
+--vision is an HF CLIP/SigLIP directory (full model or vision model), read in place, or
+any source `clawconvert extract-visual` accepts (OpenCLIP, big_vision), whose image tower
+is extracted to a scratch directory beside OUT first.
   * weights: vision_tower.vision_model.*, multi_modal_projector.linear_{1,2}.*,
     language_model.model.*, language_model.lm_head.weight (when untied) -- the llava-hf
     layout that transformers 4.x and 5.x and vLLM load;
@@ -156,130 +161,140 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                chat_template: str | Path | None = None, max_shard_size: str | int = "5GB",
                overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = False) -> MergeResult:
     """Merge ``adapter`` into ``base`` (and assemble a LLaVA with ``vision``); see ``merge-lora --help``."""
-    if dtype not in CLI_DTYPES:
-        raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
-    out_dtype = CLI_DTYPES[dtype]
-    base_path, base_hub = resolve_source(str(base))
-    adapter_path, adapter_hub = resolve_source(str(adapter))
-    vision_path, vision_hub = resolve_source(str(vision)) if vision is not None else (None, {})
-    if not base_path.is_dir():
-        raise ClawError(f"{base_path}: BASE must be a Hugging Face model directory")
-    base_config = _read_json(base_path / "config.json")
-    is_llava = base_config.get("model_type") == "llava"
-    if is_llava and (vision is not None or connector is not None):
-        raise ClawError(f"{base_path}: BASE is already a LLaVA model; --vision and --connector build one from a "
-                        f"causal LM")
-    if connector is not None and vision is None:
-        raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
-    text_config = dict((base_config.get("text_config") or {}) if is_llava else base_config)
-    tied = _effective_tie(base_path)
-    adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle)
-    base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
-    notes: list[str] = []
+    with contextlib.ExitStack() as stack:    # holds the scratch copy of a converted vision tower
+        if dtype not in CLI_DTYPES:
+            raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
+        out_dtype = CLI_DTYPES[dtype]
+        base_path, base_hub = resolve_source(str(base))
+        adapter_path, adapter_hub = resolve_source(str(adapter))
+        vision_path, vision_hub = resolve_source(str(vision)) if vision is not None else (None, {})
+        if not base_path.is_dir():
+            raise ClawError(f"{base_path}: BASE must be a Hugging Face model directory")
+        base_config = _read_json(base_path / "config.json")
+        is_llava = base_config.get("model_type") == "llava"
+        if is_llava and (vision is not None or connector is not None):
+            raise ClawError(f"{base_path}: BASE is already a LLaVA model; --vision and --connector build one from a "
+                            f"causal LM")
+        if connector is not None and vision is None:
+            raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
+        text_config = dict((base_config.get("text_config") or {}) if is_llava else base_config)
+        tied = _effective_tie(base_path)
+        adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle)
+        base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
+        notes: list[str] = []
 
-    plan = plan_merge(base_store, adapter_obj, tied=tied, model_type=str(text_config.get("model_type", "")),
-                      dtype=out_dtype)
-    assembly, extra_rows = None, 0
-    if vision is not None:
-        assembly = _Assembly(base_path, vision_path, image_token, vision_feature_layer,
-                             vision_feature_select_strategy, chat_template, unsafe_pickle)
-        extra_rows = max(0, assembly.image_token_index + 1 - (plan.vocab_rows or 0))
+        plan = plan_merge(base_store, adapter_obj, tied=tied, model_type=str(text_config.get("model_type", "")),
+                          dtype=out_dtype)
+        assembly, extra_rows = None, 0
+        if vision is not None:
+            scratch = _scratch_beside(Path(out), stack) if not (vision_path / "config.json").is_file() else None
+            assembly = _Assembly(base_path, vision_path, scratch, image_token, vision_feature_layer,
+                                 vision_feature_select_strategy, chat_template, unsafe_pickle)
+            extra_rows = max(0, assembly.image_token_index + 1 - (plan.vocab_rows or 0))
+            if extra_rows:
+                plan.grow_vocab(extra_rows)
+
+        leftovers = dict(plan.leftovers)
+        if assembly is not None:
+            conn = llava.open_connector(connector, unsafe_pickle) if connector is not None else None
+            in_adapter = llava.detect_connector(adapter_obj.store, leftovers.values(), f"{adapter_path} (modules_to_save)")
+            if in_adapter is not None:
+                for role in in_adapter.tensors:
+                    leftovers = {p: k for p, k in leftovers.items() if k != in_adapter.key(role)}
+                if conn is not None:
+                    notes.append(f"the adapter also stores a connector ({in_adapter.key('linear_1.weight')}, ...); "
+                                 f"used --connector {connector} instead")
+            conn = conn or in_adapter
+            if conn is None:
+                raise ClawError(f"--vision needs a connector: pass --connector FILE (the adapter's modules_to_save "
+                                f"holds none)")
+            assembly.connector = conn
+        if leftovers:
+            path, key = next(iter(leftovers.items()))
+            hint = "; it looks like a connector: pass --vision to assemble a LLaVA model" if any(
+                llava.looks_like_connector(p) for p in leftovers) else ""
+            raise ClawError(f"adapter tensor '{key}' has no counterpart '{path}' in BASE {base_path}{hint}",
+                            details=[f"adapter tensor '{k}' has no counterpart '{p}'" for p, k in
+                                     list(leftovers.items())[1:]])
+
+        # output config
+        if plan.untied:
+            text_config["tie_word_embeddings"] = False
+        elif tied:
+            text_config["tie_word_embeddings"] = True
         if extra_rows:
-            plan.grow_vocab(extra_rows)
+            text_config["vocab_size"] = plan.vocab_rows + extra_rows
+        lm_dtype = _dtype_name(out_dtype) or next((text_config[k] for k in CONFIG_DTYPE_KEYS if k in text_config), None)
+        _set_dtype(text_config, _dtype_name(out_dtype))
 
-    leftovers = dict(plan.leftovers)
-    if assembly is not None:
-        conn = llava.open_connector(connector, unsafe_pickle) if connector is not None else None
-        in_adapter = llava.detect_connector(adapter_obj.store, leftovers.values(), f"{adapter_path} (modules_to_save)")
-        if in_adapter is not None:
-            for role in in_adapter.tensors:
-                leftovers = {p: k for p, k in leftovers.items() if k != in_adapter.key(role)}
-            if conn is not None:
-                notes.append(f"the adapter also stores a connector ({in_adapter.key('linear_1.weight')}, ...); "
-                             f"used --connector {connector} instead")
-        conn = conn or in_adapter
-        if conn is None:
-            raise ClawError(f"--vision needs a connector: pass --connector FILE (the adapter's modules_to_save "
-                            f"holds none)")
-        assembly.connector = conn
-    if leftovers:
-        path, key = next(iter(leftovers.items()))
-        hint = "; it looks like a connector: pass --vision to assemble a LLaVA model" if any(
-            llava.looks_like_connector(p) for p in leftovers) else ""
-        raise ClawError(f"adapter tensor '{key}' has no counterpart '{path}' in BASE {base_path}{hint}",
-                        details=[f"adapter tensor '{k}' has no counterpart '{p}'" for p, k in
-                                 list(leftovers.items())[1:]])
-
-    # output config
-    if plan.untied:
-        text_config["tie_word_embeddings"] = False
-    elif tied:
-        text_config["tie_word_embeddings"] = True
-    if extra_rows:
-        text_config["vocab_size"] = plan.vocab_rows + extra_rows
-    lm_dtype = _dtype_name(out_dtype) or next((text_config[k] for k in CONFIG_DTYPE_KEYS if k in text_config), None)
-    _set_dtype(text_config, _dtype_name(out_dtype))
-
-    if assembly is not None:
-        tensors, extra = assembly.plan(plan, text_config, out_dtype)
-        config = assembly.config(text_config, lm_dtype)
-        architecture = "LlavaForConditionalGeneration"
-    else:
-        tensors, extra = plan.tensors, []
-        config = dict(base_config)
-        if is_llava:
-            config["text_config"] = text_config
-            if plan.untied:
-                config["tie_word_embeddings"] = False
-            _set_dtype(config, _dtype_name(out_dtype))
-        else:
-            config = text_config
-        architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
-
-    writer_plan = [(t.name, t.shape, t.dtype) for t in tensors] + [(n, s, d) for n, s, d, _ in extra]
-    sources = tuple(p for p in (base_path, adapter_path, vision_path,
-                                Path(connector) if connector is not None else None) if p is not None)
-    with atomic_output_dir(out, overwrite=overwrite, sources=sources) as tmp:
-        writer = SafetensorsWriter(tmp, writer_plan, max_shard_size=parse_size(max_shard_size))
-        try:
-            write_merged(tensors, base_store, adapter_obj, writer, _progress(progress, len(writer_plan)))
-            for name, _, _, read in extra:
-                writer.write(name, read())
-            files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
         if assembly is not None:
-            config.save_pretrained(str(tmp))
-            notes += assembly.write_processor(tmp)
-            copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
+            tensors, extra = assembly.plan(plan, text_config, out_dtype)
+            config = assembly.config(text_config, lm_dtype)
+            architecture = "LlavaForConditionalGeneration"
         else:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            copied = _copy_side_files(base_path, tmp)
-            if not any(f in copied for f in TOKENIZER_FILES):
-                notes.append(f"{base_path} has no tokenizer files; none copied")
-        merge_record = {**plan.summary, "tie": plan.tie, "extra_embedding_rows": extra_rows,
-                        "copied_from_base": copied}
-        if assembly is not None:
-            merge_record["llava"] = assembly.record()
-        write_manifest(tmp, {
-            "source": {
-                "base": {"path": str(base), "fingerprint": source_fingerprint(base_path), **base_hub},
-                "adapter": {"path": str(adapter), "fingerprint": source_fingerprint(adapter_path), **adapter_hub,
-                            "config": adapter_obj.raw_config},
-                **({"vision": {"path": str(vision), "fingerprint": source_fingerprint(vision_path), **vision_hub}}
-                   if vision_path else {}),
-                **({"connector": {"path": str(connector), "fingerprint": source_fingerprint(Path(connector))}}
-                   if connector is not None else {}),
-            },
-            "target": {"format": "hf", "architecture": architecture},
-            "dtype": dtype,
-            "merge": merge_record,
-            "notes": notes,
-        })
-        dest = Path(out).absolute()
-    return MergeResult(dest, architecture, len(writer_plan), writer.total_size, [f.name for f in files],
-                       plan.tie, notes, merge_record)
+            tensors, extra = plan.tensors, []
+            config = dict(base_config)
+            if is_llava:
+                config["text_config"] = text_config
+                if plan.untied:
+                    config["tie_word_embeddings"] = False
+                _set_dtype(config, _dtype_name(out_dtype))
+            else:
+                config = text_config
+            architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
+
+        writer_plan = [(t.name, t.shape, t.dtype) for t in tensors] + [(n, s, d) for n, s, d, _ in extra]
+        sources = tuple(p for p in (base_path, adapter_path, vision_path,
+                                    Path(connector) if connector is not None else None) if p is not None)
+        with atomic_output_dir(out, overwrite=overwrite, sources=sources) as tmp:
+            writer = SafetensorsWriter(tmp, writer_plan, max_shard_size=parse_size(max_shard_size))
+            try:
+                write_merged(tensors, base_store, adapter_obj, writer, _progress(progress, len(writer_plan)))
+                for name, _, _, read in extra:
+                    writer.write(name, read())
+                files = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            if assembly is not None:
+                config.save_pretrained(str(tmp))
+                notes += assembly.write_processor(tmp)
+                copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
+            else:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+                copied = _copy_side_files(base_path, tmp)
+                if not any(f in copied for f in TOKENIZER_FILES):
+                    notes.append(f"{base_path} has no tokenizer files; none copied")
+            merge_record = {**plan.summary, "tie": plan.tie, "extra_embedding_rows": extra_rows,
+                            "copied_from_base": copied}
+            if assembly is not None:
+                merge_record["llava"] = assembly.record()
+            write_manifest(tmp, {
+                "source": {
+                    "base": {"path": str(base), "fingerprint": source_fingerprint(base_path), **base_hub},
+                    "adapter": {"path": str(adapter), "fingerprint": source_fingerprint(adapter_path), **adapter_hub,
+                                "config": adapter_obj.raw_config},
+                    **({"vision": {"path": str(vision), "fingerprint": source_fingerprint(vision_path), **vision_hub}}
+                       if vision_path else {}),
+                    **({"connector": {"path": str(connector), "fingerprint": source_fingerprint(Path(connector))}}
+                       if connector is not None else {}),
+                },
+                "target": {"format": "hf", "architecture": architecture},
+                "dtype": dtype,
+                "merge": merge_record,
+                "notes": notes,
+            })
+            dest = Path(out).absolute()
+        return MergeResult(dest, architecture, len(writer_plan), writer.total_size, [f.name for f in files],
+                           plan.tie, notes, merge_record)
+
+
+def _scratch_beside(out: Path, stack: contextlib.ExitStack) -> Path:
+    """A temporary directory beside OUT (same disk), removed when the merge ends."""
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ClawError(f"{parent}: parent directory does not exist")
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}vision-", dir=parent)))
 
 
 def _progress(enabled: bool, total: int):
@@ -292,10 +307,10 @@ def _progress(enabled: bool, total: int):
 class _Assembly:
     """The LLaVA side of a merge: vision tower, connector, tokenizer with the image token, processor."""
 
-    def __init__(self, base: Path, vision: Path, image_token: str, feature_layer: int, strategy: str | None,
-                 chat_template: str | Path | None, unsafe_pickle: bool):
-        self.vision_path = vision
-        self.vision, self.vision_config = llava.vision_tower_source(vision, unsafe_pickle)
+    def __init__(self, base: Path, vision: Path, scratch: Path | None, image_token: str, feature_layer: int,
+                 strategy: str | None, chat_template: str | Path | None, unsafe_pickle: bool):
+        self.vision, self.vision_config = llava.vision_tower_source(vision, scratch, unsafe_pickle)
+        self.vision_dir = self.vision.path.parent
         family_default = "default" if llava.num_additional_tokens(self.vision_config) else "full"
         self.strategy = strategy or family_default
         self.feature_layer = feature_layer
@@ -335,7 +350,7 @@ class _Assembly:
     def write_processor(self, out: Path) -> list[str]:
         from transformers import LlavaProcessor
 
-        image_processor, origin = llava.image_processor_for(self.vision_path, self.vision_config)
+        image_processor, origin = llava.image_processor_for(self.vision_dir, self.vision_config)
         self.image_processor_origin = origin
         self.tokenizer.chat_template = self.chat_template
         processor = LlavaProcessor(
@@ -365,8 +380,9 @@ def register(sub) -> None:
     p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     g = p.add_argument_group("LLaVA assembly")
     g.add_argument("--vision", metavar="SRC",
-                   help="vision tower: an HF CLIPModel/SiglipModel or CLIPVisionModel/SiglipVisionModel directory; "
-                        "makes OUT an HF LlavaForConditionalGeneration")
+                   help="vision tower: an HF CLIPModel/SiglipModel or CLIPVisionModel/SiglipVisionModel directory, "
+                        "or any source extract-visual accepts (OpenCLIP, big_vision); makes OUT an HF "
+                        "LlavaForConditionalGeneration")
     g.add_argument("--connector", metavar="FILE",
                    help="Linear-GELU-Linear connector weights (.bin/.pt/.safetensors): nn.Sequential '0.*, 2.*', "
                         "LLaVA 'mm_projector.{0,2}.*' or HF 'multi_modal_projector.linear_{1,2}.*' "

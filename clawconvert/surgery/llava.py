@@ -151,22 +151,30 @@ def _read_config(path: Path) -> dict:
         raise ClawError(f"{file}: not valid JSON ({e.__class__.__name__})") from e
 
 
-def vision_tower_source(src: str | Path, unsafe_pickle: bool = False) -> tuple[TensorStore, dict]:
+def vision_tower_source(src: str | Path, scratch: Path | None = None,
+                        unsafe_pickle: bool = False) -> tuple[TensorStore, dict]:
     """The vision tower of ``src`` as (lazy tensors named ``vision_model.*``, HF vision_config dict).
 
-    This is the hook for other source formats: an OpenCLIP or big_vision ``src`` is to be routed
-    through extract-visual here, returning the same pair.  For now it takes an HF
-    ``CLIPModel`` / ``SiglipModel`` directory (``vision_model.*`` + ``vision_config``) or an HF
-    ``CLIPVisionModel`` / ``SiglipVisionModel`` directory.
+    An HF ``CLIPModel`` / ``SiglipModel`` directory (``vision_model.*`` + ``vision_config``) or
+    ``CLIPVisionModel`` / ``SiglipVisionModel`` directory is read in place.  Anything else
+    (OpenCLIP, big_vision, ...) goes through ``extract-visual`` into an HF vision tower under
+    ``scratch``, a directory the caller keeps until the tensors have been read.  The tensors'
+    directory, ``store.path.parent``, also holds the tower's preprocessor config when it has one.
     """
     src = Path(src)
-    if not src.is_dir():
-        raise ClawError(f"{src}: --vision needs an HF CLIP/SigLIP model directory")
+    if not (src / "config.json").is_file():     # not HF: OpenCLIP, big_vision, a checkpoint file
+        if scratch is None:
+            raise ClawError(f"{src}: not an HF model directory, and no scratch space to extract its vision tower")
+        from .extract import extract
+
+        src = extract(src, Path(scratch) / "vision_tower", tower="visual", to="hf",
+                      unsafe_pickle=unsafe_pickle).destination
     config = _read_config(src)
-    model_type = config.get("model_type")
-    if model_type not in VISION_MODEL_TYPES:
-        raise ClawError(f"{src}: model_type '{model_type}' is not an HF CLIP or SigLIP model; --vision takes "
-                        f"{', '.join(VISION_MODEL_TYPES)} (convert OpenCLIP / big_vision sources to HF first)")
+    if config.get("model_type") not in VISION_MODEL_TYPES:
+        raise ClawError(f"{src}: model_type '{config.get('model_type')}' is not an HF CLIP or SigLIP model; "
+                        f"--vision takes {', '.join(VISION_MODEL_TYPES)} directories, or an OpenCLIP / big_vision "
+                        f"source that extract-visual accepts")
+    model_type = config["model_type"]
     tower_type, _ = VISION_MODEL_TYPES[model_type]
     vision_only = model_type == tower_type
     vision_config = dict(config if vision_only else config.get("vision_config") or {})
@@ -187,7 +195,7 @@ def num_additional_tokens(vision_config: dict) -> int:
 
 
 def image_processor_for(src: Path, vision_config: dict):
-    """The source's own preprocessor config when it has one; else the family's defaults at its size."""
+    """The tower directory's own preprocessor config when it has one; else the family's defaults at its size."""
     from transformers import AutoImageProcessor, CLIPImageProcessor, SiglipImageProcessor
 
     if (Path(src) / "preprocessor_config.json").is_file():
