@@ -35,7 +35,7 @@ PREFIX = "params/"
 # ".../encoderblock/<leaf>" (stacked) and ".../encoderblock_{i}/<leaf>" (per layer)
 STACKED = re.compile(r"^(.*/)?encoderblock/(.+)$")
 PER_LAYER = re.compile(r"^(.*/)?encoderblock_(\d+)/(.+)$")
-SENTINELS = ("img/", "params/img/")
+SENTINELS = ("img/", "txt/", "params/img/", "params/txt/")   # one tower is enough to say "big_vision"
 
 
 def _member_names(path: Path) -> list[str] | None:
