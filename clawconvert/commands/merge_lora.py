@@ -196,26 +196,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
 
         leftovers = dict(plan.leftovers)
         if assembly is not None:
-            conn = llava.open_connector(connector, unsafe_pickle) if connector is not None else None
-            in_adapter = llava.detect_connector(adapter_obj.store, leftovers.values(), f"{adapter_path} (modules_to_save)")
-            if in_adapter is not None:
-                for role in in_adapter.tensors:
-                    leftovers = {p: k for p, k in leftovers.items() if k != in_adapter.key(role)}
-                if conn is not None:
-                    notes.append(f"the adapter also stores a connector ({in_adapter.key('linear_1.weight')}, ...); "
-                                 f"used --connector {connector} instead")
-            conn = conn or in_adapter
-            if conn is None:
-                raise ClawError(f"--vision needs a connector: pass --connector FILE (the adapter's modules_to_save "
-                                f"holds none)")
-            assembly.connector = conn
-        if leftovers:
-            path, key = next(iter(leftovers.items()))
-            hint = "; it looks like a connector: pass --vision to assemble a LLaVA model" if any(
-                llava.looks_like_connector(p) for p in leftovers) else ""
-            raise ClawError(f"adapter tensor '{key}' has no counterpart '{path}' in BASE {base_path}{hint}",
-                            details=[f"adapter tensor '{k}' has no counterpart '{p}'" for p, k in
-                                     list(leftovers.items())[1:]])
+            leftovers = assembly.take_connector(connector, adapter_obj, leftovers, notes)
+        _refuse_leftovers(leftovers, base_path)
 
         # output config
         if plan.untied:
@@ -233,14 +215,12 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             architecture = "LlavaForConditionalGeneration"
         else:
             tensors, extra = plan.tensors, []
-            config = dict(base_config)
+            config = text_config
             if is_llava:
-                config["text_config"] = text_config
+                config = {**base_config, "text_config": text_config}
                 if plan.untied:
                     config["tie_word_embeddings"] = False
                 _set_dtype(config, _dtype_name(out_dtype))
-            else:
-                config = text_config
             architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
 
         writer_plan = [(t.name, t.shape, t.dtype) for t in tensors] + [(n, s, d) for n, s, d, _ in extra]
@@ -289,6 +269,17 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                            plan.tie, notes, merge_record)
 
 
+def _refuse_leftovers(leftovers: dict[str, str], base: Path) -> None:
+    """Adapter tensors that fit nothing in BASE (nor the connector) stop the merge, all named."""
+    if not leftovers:
+        return
+    path, key = next(iter(leftovers.items()))
+    hint = ("; it looks like a connector: pass --vision to assemble a LLaVA model"
+            if any(llava.looks_like_connector(p) for p in leftovers) else "")
+    raise ClawError(f"adapter tensor '{key}' has no counterpart '{path}' in BASE {base}{hint}",
+                    details=[f"adapter tensor '{k}' has no counterpart '{p}'" for p, k in list(leftovers.items())[1:]])
+
+
 def _scratch_beside(out: Path, stack: contextlib.ExitStack) -> Path:
     """A temporary directory beside OUT (same disk), removed when the merge ends."""
     parent = out.absolute().parent
@@ -311,6 +302,7 @@ class _Assembly:
                  strategy: str | None, chat_template: str | Path | None, unsafe_pickle: bool):
         self.vision, self.vision_config = llava.vision_tower_source(vision, scratch, unsafe_pickle)
         self.vision_dir = self.vision.path.parent
+        self.unsafe_pickle = unsafe_pickle
         family_default = "default" if llava.num_additional_tokens(self.vision_config) else "full"
         self.strategy = strategy or family_default
         self.feature_layer = feature_layer
@@ -322,6 +314,23 @@ class _Assembly:
         self.image_seq_length = llava.image_token_count(self.vision_config, self.strategy)
         self.connector: llava.Connector | None = None
         self.projector_bias = True
+
+    def take_connector(self, path: str | Path | None, adapter: Adapter, leftovers: dict[str, str],
+                       notes: list[str]) -> dict[str, str]:
+        """The connector from --connector, else from the adapter's leftovers; returns the leftovers it left."""
+        given = llava.open_connector(path, self.unsafe_pickle) if path is not None else None
+        stored = llava.detect_connector(adapter.store, leftovers.values(), f"{adapter.path} (modules_to_save)")
+        if stored is not None:
+            used = {stored.key(role) for role in stored.tensors}
+            leftovers = {p: k for p, k in leftovers.items() if k not in used}
+            if given is not None:
+                notes.append(f"the adapter also stores a connector ({stored.key('linear_1.weight')}, ...); "
+                             f"used --connector {path} instead")
+        self.connector = given or stored
+        if self.connector is None:
+            raise ClawError("--vision needs a connector: pass --connector FILE (the adapter's modules_to_save "
+                            "holds none)")
+        return leftovers
 
     def plan(self, plan: MergePlan, text_config: dict, dtype: torch.dtype | None):
         """LM tensors renamed to the llava-hf layout, plus vision and connector tensors (read lazily)."""
