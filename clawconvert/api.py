@@ -230,3 +230,9 @@ def extract_text(src: str | Path, dst: str | Path, *, to: str = "hf", with_proje
     return extract(src, dst, "text", to, with_projection=with_projection, src_format=src_format,
                    model_name=model_name, model_config=model_config, dtype=dtype, max_shard_size=max_shard_size,
                    verify=verify, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
+
+
+def merge_lora(*args: Any, **kwargs: Any):
+    """Fold a PEFT LoRA adapter into its base (and optionally assemble a LLaVA): see ``merge-lora --help``."""
+    from .surgery.merge_lora import merge_lora as _merge_lora
+    return _merge_lora(*args, **kwargs)
