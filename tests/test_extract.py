@@ -229,6 +229,17 @@ def test_openclip_tower_loads_with_the_printed_lines(tmp_path, tower):
             assert torch.equal(module(IDS), full.encode_text(IDS))
 
 
+def test_training_checkpoint_file_gives_the_same_tower(tmp_path):
+    """epoch_N.pt with DDP `module.` prefixes and optimizer state + --model-config: the same bytes."""
+    state = load_file(TINY / "open_clip_model.safetensors")
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}, "optimizer": {}},
+               tmp_path / "epoch_3.pt")
+    clawconvert.extract_text(tmp_path / "epoch_3.pt", tmp_path / "a", model_config=TINY / "open_clip_config.json")
+    clawconvert.extract_text(TINY, tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------
 # timm
 # ------------------------------------------------------------------------------------
@@ -372,3 +383,45 @@ def test_unknown_family_and_wrong_targets(tmp_path, cli, capsys):
     (tmp_path / "x").mkdir()
     assert_one_line_error(cli("extract-visual", TINY, tmp_path / "x"), "already exists")
     assert cli("extract-visual", TINY, tmp_path / "x", "--overwrite").code == 0
+
+
+# ------------------------------------------------------------------------------------
+# SigLIP: runs once the siglip family implements the tower hooks
+# ------------------------------------------------------------------------------------
+def _siglip_with_tower_hooks():
+    from clawconvert.families import Family, all_families
+    fam = all_families().get("siglip")
+    if fam is None or type(fam).tower_config is Family.tower_config:
+        pytest.skip("the siglip family does not implement Family.tower_config / tower_model_class yet")
+    return fam
+
+
+@pytest.mark.parametrize("tower", ["visual", "text"])
+def test_siglip_towers_load_by_automodel_and_are_bit_exact(tmp_path, tower):
+    _siglip_with_tower_hooks()
+    cfg = transformers.SiglipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=128, max_position_embeddings=16, pad_token_id=1, eos_token_id=1,
+                         bos_token_id=None))   # SigLIP 1's sentencepiece: pad = eos = 1
+    full = seeded(transformers.SiglipModel(cfg))
+    full.save_pretrained(tmp_path / "siglip")
+    fn = clawconvert.extract_visual if tower == "visual" else clawconvert.extract_text
+    r = fn(tmp_path / "siglip", tmp_path / "t", verify=True)
+    assert r.verification["bit_exact"]
+    cls = transformers.SiglipVisionModel if tower == "visual" else transformers.SiglipTextModel
+    # transformers 5 maps siglip_vision_model in AutoModel but not siglip_text_model: that one loads by class
+    loader = AutoModel if tower == "visual" else cls
+    model, info = loader.from_pretrained(tmp_path / "t", output_loading_info=True)
+    assert type(model) is cls and not loading_problems(info)
+    prefix = "vision_model." if tower == "visual" else "text_model."
+    assert all(k.startswith(prefix) for k in load_file(tmp_path / "t" / "model.safetensors"))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        if tower == "visual":
+            got, want = model.eval()(pixel_values=PIXELS).pooler_output, full.get_image_features(pixel_values=PIXELS)
+        else:
+            got, want = model.eval()(input_ids=ids).pooler_output, full.get_text_features(input_ids=ids)
+    want = want if isinstance(want, torch.Tensor) else want.pooler_output
+    assert torch.equal(got, want)
