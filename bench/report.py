@@ -1,0 +1,308 @@
+"""Targets, the table of medians and ratios, and the plots, all from the results JSON.
+
+    .venv/bin/python bench/report.py bench/results/latest.json   # re-print / re-plot
+
+The targets are the issue's (issue 5), evaluated on medians of the same run:
+
+* T1 flat:   clawconvert's peak RSS at the largest scenario-1 checkpoint <= 1.3x that at
+             the smallest;
+* T2 small:  clawconvert's peak RSS <= 15% of the checkpoint's size, ViT-L/14 and larger;
+* T3 floor:  clawconvert's wall time <= 1.5x ``cp`` of the same bytes, scenarios 1 and 2,
+             ViT-L/14 size and larger;
+* T4 peers:  against each peer path, >= 3x faster and >= 5x lower peak RSS, ViT-L/14 and
+             larger and the merge.  A peer that did not finish (OOM) counts as beaten on
+             memory (its figure is a lower bound) and on time only when clawconvert's
+             time is under a third of the time the peer had spent when it died.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+T_FLAT, T_RSS_FRACTION, T_WALL_CP, T_PEER_TIME, T_PEER_RSS = 1.3, 0.15, 1.5, 3.0, 5.0
+
+
+def gib(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**30:.2f} GiB" if n >= 2**30 * 0.995 else f"{n / 2**20:.0f} MiB"
+
+
+def gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} s" if x < 100 else f"{x:.0f} s"
+
+
+def _role(size: dict, role: str) -> list[tuple[str, dict]]:
+    return [(n, t) for n, t in size["tools"].items() if t["role"] == role]
+
+
+def _ok(slot: dict | None) -> bool:
+    return bool(slot) and "median_wall_s" in slot
+
+
+def _claw(size: dict) -> dict | None:
+    found = _role(size, "clawconvert")
+    return found[0][1] if found else None
+
+
+def _cp(size: dict) -> dict | None:
+    found = _role(size, "floor")
+    return found[0][1] if found else None
+
+
+def evaluate_targets(data: dict) -> list[dict]:
+    out: list[dict] = []
+
+    def add(target, scen, size, value, limit, met, text, in_scope):
+        out.append({"target": target, "scenario": scen["key"], "size": size, "value": value, "limit": limit,
+                    "met": met, "in_scope": in_scope, "text": text})
+
+    for scen in data.get("scenarios", []):
+        sizes = scen["sizes"]
+        large = set(scen.get("large_sizes", []))
+        key = scen["key"]
+        # T1 flatness (scenario 1)
+        if key == "openclip-hf":
+            pts = [(s["checkpoint_bytes"], s) for s in sizes if _ok(_claw(s))]
+            if len(pts) >= 2:
+                (b0, s0), (b1, s1) = min(pts, key=lambda p: p[0]), max(pts, key=lambda p: p[0])
+                r0, r1 = _claw(s0)["median_peak_rss_bytes"], _claw(s1)["median_peak_rss_bytes"]
+                ratio = r1 / r0
+                add("T1 clawconvert peak RSS flat in checkpoint size", scen, f"{s0['size']}..{s1['size']}",
+                    round(ratio, 3), T_FLAT, ratio <= T_FLAT,
+                    f"{gib(r0)} at {s0['size']} ({gb(b0)}) -> {gib(r1)} at {s1['size']} ({gb(b1)}): "
+                    f"{ratio:.2f}x (target <= {T_FLAT}x)", not any(s["size"].startswith("tiny") for _, s in pts))
+        for s in sizes:
+            claw, cp = _claw(s), _cp(s)
+            in_scope = s["size"] in large
+            ck = s["checkpoint_bytes"]
+            label = f"{s['size']} ({gb(ck)})"
+            if claw is None:
+                continue
+            if not _ok(claw):
+                if in_scope:
+                    add("clawconvert ran", scen, s["size"], None, None,
+                        None if claw.get("status", "").startswith("skipped") else False,
+                        f"clawconvert {claw.get('status')}", in_scope)
+                continue
+            cr, cw = claw["median_peak_rss_bytes"], claw["median_wall_s"]
+            if key == "openclip-hf":
+                frac = cr / ck
+                add("T2 clawconvert peak RSS <= 15% of the checkpoint", scen, s["size"], round(frac, 4),
+                    T_RSS_FRACTION, frac <= T_RSS_FRACTION,
+                    f"{label}: {gib(cr)} = {frac:.0%} of the checkpoint (target <= 15%, i.e. <= {gib(int(ck * .15))})",
+                    in_scope)
+            if key.startswith(("openclip-hf", "bigvision")) and _ok(cp):
+                ratio = cw / cp["median_wall_s"]
+                add("T3 clawconvert wall time <= 1.5x cp", scen, s["size"], round(ratio, 3), T_WALL_CP,
+                    ratio <= T_WALL_CP, f"{label}: {secs(cw)} vs cp {secs(cp['median_wall_s'])} = {ratio:.2f}x "
+                    f"(target <= {T_WALL_CP}x)", in_scope)
+            for name, peer in _role(s, "peer"):
+                short = name.replace("peer: ", "")
+                if _ok(peer):
+                    tr, rr = peer["median_wall_s"] / cw, peer["median_peak_rss_bytes"] / cr
+                    add("T4 >= 3x faster than the peer", scen, s["size"], round(tr, 3), T_PEER_TIME, tr >= T_PEER_TIME,
+                        f"{label} vs {short}: {secs(peer['median_wall_s'])} / {secs(cw)} = {tr:.2f}x faster "
+                        f"(target >= {T_PEER_TIME:.0f}x)", in_scope)
+                    add("T4 >= 5x lower peak RSS than the peer", scen, s["size"], round(rr, 3), T_PEER_RSS,
+                        rr >= T_PEER_RSS, f"{label} vs {short}: {gib(peer['median_peak_rss_bytes'])} / {gib(cr)} = "
+                        f"{rr:.2f}x lower (target >= {T_PEER_RSS:.0f}x)", in_scope)
+                elif str(peer.get("status", "")).startswith(("failed (OOM", "skipped: failed (OOM")):
+                    died = peer.get("peak_rss_at_failure_bytes")
+                    rr = died / cr if died else None
+                    add("T4 >= 5x lower peak RSS than the peer", scen, s["size"], round(rr, 3) if rr else None,
+                        T_PEER_RSS, True, f"{label} vs {short}: the peer did not finish ({peer['status']}"
+                        + (f", {gib(died)} when it died" if died else "") + f"); clawconvert finished in {gib(cr)}",
+                        in_scope)
+                    wall = peer.get("wall_at_failure_s")
+                    tr = wall / cw if wall else None
+                    add("T4 >= 3x faster than the peer", scen, s["size"], round(tr, 3) if tr else None, T_PEER_TIME,
+                        True if tr and tr >= T_PEER_TIME else None,
+                        f"{label} vs {short}: the peer did not finish"
+                        + (f" (it died after {secs(wall)}; clawconvert took {secs(cw)})" if wall else ""), in_scope)
+                elif peer.get("status"):
+                    add("T4 peer comparison", scen, s["size"], None, None, None,
+                        f"{label} vs {short}: undetermined, the peer {peer['status']}", in_scope)
+    return out
+
+
+def _row_ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.1f}x"
+
+
+def table(data: dict) -> str:
+    lines: list[str] = []
+    st = data.get("settings", {})
+    m = data.get("machine", {})
+    lines.append(f"Medians of {st.get('reps')} runs per tool, alternating tools; page cache: {st.get('page_cache')} "
+                 f"(sources read into it before every run, no tool fsyncs, outputs deleted after each run). "
+                 f"Peak RSS = ru_maxrss of the process (GNU time). Machine: {m.get('cpus')} CPUs, "
+                 f"{gib(m.get('memory_total_bytes'))} RAM, load average {', '.join(f'{x:.1f}' for x in m.get('load_before', []))}"
+                 f" at start, {', '.join(f'{x:.1f}' for x in m.get('load_after', []))} at the end (shared machine).")
+    floor = data.get("clawconvert_floor")
+    if floor and _ok(floor):
+        lines.append(f"\nclawconvert's fixed cost (the same convert on a {gb(floor['checkpoint_bytes'])} checkpoint: "
+                     f"interpreter, imports, planning): {secs(floor['median_wall_s'])}, peak RSS "
+                     f"{gib(floor['median_peak_rss_bytes'])}.")
+    for scen in data.get("scenarios", []):
+        lines.append(f"\n### {scen['number']}. {scen['title']}\n")
+        lines.append("| size | checkpoint | tool | wall (median) | peak RSS (median) | RSS / checkpoint | wall / cp "
+                     "| tool / clawconvert: wall, RSS |")
+        lines.append("|---|---|---|---:|---:|---:|---:|---|")
+        for s in scen["sizes"]:
+            claw, cp = _claw(s), _cp(s)
+            first = True
+            for name, t in s["tools"].items():
+                head = f"{s['size']} | {s['arch']} {s['dtype']}, {gb(s['checkpoint_bytes'])}" if first else " | "
+                first = False
+                if not _ok(t):
+                    extra = ""
+                    if t.get("peak_rss_at_failure_bytes"):
+                        extra = f" at {gib(t['peak_rss_at_failure_bytes'])}, {secs(t.get('wall_at_failure_s'))}"
+                    lines.append(f"| {head} | {name} | {t.get('status', 'not run')}{extra} | | | | |")
+                    continue
+                w, r = t["median_wall_s"], t["median_peak_rss_bytes"]
+                frac = f"{r / s['checkpoint_bytes']:.0%}" if t["role"] != "floor" else ""
+                vs_cp = _row_ratio(w, cp.get("median_wall_s")) if _ok(cp) and t["role"] != "floor" else ""
+                vs = ""
+                if t["role"] == "peer" and _ok(claw):
+                    vs = f"{_row_ratio(w, claw['median_wall_s'])} slower, {_row_ratio(r, claw['median_peak_rss_bytes'])} more RSS"
+                lines.append(f"| {head} | {name} | {secs(w)} | {gib(r)} | {frac} | {vs_cp} | {vs} |")
+        if scen.get("skipped"):
+            for name, why in scen["skipped"].items():
+                lines.append(f"\n{name}: {why}.")
+    targets = data.get("targets", [])
+    if targets:
+        scoped = [t for t in targets if t["in_scope"]]
+        lines.append("\n### Targets (issue 5)\n")
+        if not scoped:
+            lines.append("No target applies to the sizes run (tiny shapes); figures for reference:")
+        for t in scoped or targets:
+            mark = "MET" if t["met"] else "MISSED" if t["met"] is False else "UNDETERMINED"
+            lines.append(f"- **{mark}** [{t['scenario']}] {t['target']}: {t['text']}")
+        missed = [t for t in scoped if t["met"] is False]
+        if missed:
+            lines.append(f"\n{len(missed)} of {len(scoped)} target checks MISSED.")
+        elif scoped:
+            lines.append(f"\nAll {len(scoped)} target checks met.")
+    for p in data.get("plots", []):
+        lines.append(f"\nplot: {p}")
+    return "\n".join(lines)
+
+
+def plots(data: dict, out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["(no plots: matplotlib is not installed; pip install -e '.[bench]')"]
+    written = []
+    scen = next((s for s in data.get("scenarios", []) if s["key"] == "openclip-hf"), None)
+    colors = {"clawconvert": "tab:blue", "peer": "tab:red", "floor": "tab:gray"}
+    if scen and scen["sizes"]:
+        for what, key, ylabel, fname in (("peak RSS", "median_peak_rss_bytes", "peak RSS (GiB)", "memory_vs_size.png"),
+                                         ("wall time", "median_wall_s", "wall time (s)", "time_vs_size.png")):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            names = list(scen["sizes"][0]["tools"])
+            for name in names:
+                role = scen["sizes"][0]["tools"][name]["role"]
+                xs, ys, fx, fy = [], [], [], []
+                for s in scen["sizes"]:
+                    t = s["tools"].get(name, {})
+                    x = s["checkpoint_bytes"] / 1e9
+                    if _ok(t):
+                        xs.append(x)
+                        ys.append(t[key] / 2**30 if "rss" in key else t[key])
+                    elif str(t.get("status", "")).startswith(("failed", "skipped: failed")):
+                        v = t.get("peak_rss_at_failure_bytes") if "rss" in key else t.get("wall_at_failure_s")
+                        if v:
+                            fx.append(x)
+                            fy.append(v / 2**30 if "rss" in key else v)
+                if xs:
+                    ax.plot(xs, ys, "o-", color=colors.get(role), label=name, lw=2 if role == "clawconvert" else 1.5)
+                if fx:
+                    ax.plot(fx, fy, "x", color=colors.get(role), ms=10, mew=2, label=f"{name}: failed (OOM)")
+                for x, y, s in zip(xs, ys, [s for s in scen["sizes"] if _ok(s["tools"].get(name, {}))]):
+                    if role == "clawconvert":
+                        ax.annotate(s["size"], (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+            xs_all = [s["checkpoint_bytes"] / 1e9 for s in scen["sizes"]]
+            if "rss" in key:
+                ax.plot(xs_all, [x * 1e9 * T_RSS_FRACTION / 2**30 for x in xs_all], "--", color="tab:green",
+                        lw=1, label="target: 15% of the checkpoint")
+                lim = data.get("settings", {}).get("mem_limit_bytes")
+                if lim:
+                    ax.axhline(lim / 2**30, color="black", lw=0.8, ls=":", label="bench memory limit")
+            else:
+                cp = [(s["checkpoint_bytes"] / 1e9, _cp(s)["median_wall_s"]) for s in scen["sizes"] if _ok(_cp(s))]
+                if cp:
+                    ax.plot([c[0] for c in cp], [c[1] * T_WALL_CP for c in cp], "--", color="tab:green", lw=1,
+                            label="target: 1.5x cp")
+            ax.set_xlabel("checkpoint size (GB)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{scen['title']}: {what} vs checkpoint size")
+            ax.grid(alpha=0.3)
+            ax.set_ylim(bottom=0)
+            ax.set_xlim(left=0)
+            ax.legend(fontsize=7, loc="upper left")
+            fig.tight_layout()
+            fig.savefig(out_dir / fname, dpi=110)
+            plt.close(fig)
+            written.append(_rel(out_dir / fname))
+    # every scenario at its largest size: bars per tool
+    groups = []
+    for s in data.get("scenarios", []):
+        ok_sizes = [z for z in s["sizes"] if any(_ok(t) for t in z["tools"].values())]
+        if ok_sizes:
+            z = max(ok_sizes, key=lambda z: z["checkpoint_bytes"])
+            groups.append((f"{s['number']}\n{s['key']}\n{z['size']} {gb(z['checkpoint_bytes'])}", z))
+    if groups:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, key, label in ((axes[0], "median_wall_s", "wall time (s)"),
+                               (axes[1], "median_peak_rss_bytes", "peak RSS (GiB)")):
+            width = 0.8 / 3
+            for gi, (title, z) in enumerate(groups):
+                for ti, role in enumerate(("clawconvert", "peer", "floor")):
+                    for j, (name, t) in enumerate(_role(z, role)):
+                        off = (ti - 1) * width + j * width / max(1, len(_role(z, role)))
+                        v = t.get(key)
+                        failed = v is None and str(t.get("status", "")).startswith("failed")
+                        if failed:
+                            v = t.get("peak_rss_at_failure_bytes") if "rss" in key else t.get("wall_at_failure_s")
+                        if v is None:
+                            continue
+                        v = v / 2**30 if "rss" in key else v
+                        ax.bar(gi + off, v, width / max(1, len(_role(z, role))), color=colors[role],
+                               hatch="//" if failed else None, alpha=0.5 if failed else 1,
+                               label={"clawconvert": "clawconvert", "peer": "peer path", "floor": "cp"}[role]
+                               if gi == 0 and j == 0 else None)
+            ax.set_xticks(range(len(groups)))
+            ax.set_xticklabels([g[0] for g in groups], fontsize=7)
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0].set_title("wall time, largest size of each scenario (hatched: failed)")
+        axes[1].set_title("peak RSS, largest size of each scenario (hatched: failed)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "scenarios.png", dpi=110)
+        plt.close(fig)
+        written.append(_rel(out_dir / "scenarios.png"))
+    return written
+
+
+def _rel(path: Path) -> str:
+    root = Path(__file__).resolve().parents[1]
+    path = Path(path).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "latest.json")
+    data = json.loads(path.read_text())
+    data["targets"] = evaluate_targets(data)
+    data["plots"] = plots(data, path.parent)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(table(data))
