@@ -148,3 +148,43 @@ def nonfinite_in_dir(directory: Path, names: list[str] | None = None) -> list[st
         with READERS[p.suffix.lower()](p) as store:
             problems += scan_nonfinite(store)
     return problems
+
+
+# ------------------------------------------------------------------------------------
+# a config read from a file must describe a buildable model before anything is built from it
+# ------------------------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else e.__class__.__name__)[:200]
+
+
+def check_config(family: Any, config: Any, store: Any, origin: Path | str) -> None:
+    """Refuse (naming ``origin``) a config that cannot describe the weights in ``store``.
+
+    * a layer count above the number of tensors can only be corruption (and building the
+      model's shapes would loop over it);
+    * the family's canonical shapes must build from the config (transformers raises
+      ZeroDivisionError, KeyError, TypeError ... on nonsense values: those become one line).
+    """
+    n = len(store)
+
+    def walk(d: dict, where: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{where}{k}.")
+            elif (isinstance(k, str) and k.endswith("layers") and isinstance(v, int) and not isinstance(v, bool)
+                  and (v < 0 or v > max(n, 1))):
+                raise ClawError(f"{origin}: {where}{k} = {v}, but the weights hold {n} tensors in all")
+
+    try:
+        data = config.to_dict()
+    except Exception as e:
+        raise ClawError(f"{origin}: not a usable {family.name} config ({e.__class__.__name__}: {_first_line(e)})") from e
+    walk(data, "")
+    try:
+        family.canonical_shapes(config)
+    except ClawError as e:
+        raise (e if str(origin) in str(e) else ClawError(f"{origin}: {e}", e.details)) from e
+    except Exception as e:  # transformers' constructors on nonsense values
+        raise ClawError(f"{origin}: the config describes no buildable {family.name} model "
+                        f"({e.__class__.__name__}: {_first_line(e)})") from e

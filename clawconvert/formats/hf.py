@@ -46,12 +46,19 @@ class HFFormat(Format):
         if not path.is_dir():
             raise ClawError(f"{path}: an HF model is a directory with config.json and weights")
         data = read_config_json(path)
-        family = family_for_hf_model_type(str(data.get("model_type")))
+        cfg_path = path / "config.json"
+        try:
+            family = family_for_hf_model_type(str(data.get("model_type")))
+        except ClawError as e:
+            raise ClawError(f"{cfg_path}: {e}") from e
         try:
             config = family.config_from_dict(data)
         except Exception as e:  # transformers raises many kinds on bad configs
-            raise ClawError(f"{path / 'config.json'}: not a valid {data.get('model_type')} config ({e})") from e
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+            raise ClawError(f"{cfg_path}: not a valid {str(data.get('model_type'))[:40]} config ({first})") from e
         store = open_tensors(path, unsafe_pickle=options.unsafe_pickle, prefer=HF_WEIGHTS)
+        from ..integrity import check_config
+        check_config(family, config, store, cfg_path)
         from ..families.clip import read_hf_preprocess  # shared by every image family
         extras = Extras(preprocess=read_hf_preprocess(path), license=data.get("license"),
                         tokenizer_dir=path if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",

@@ -47,9 +47,13 @@ def builtin_model_config(name: str) -> dict:
 
 def _model_cfg_from(data: dict, where: Path) -> tuple[dict, dict]:
     model_cfg = data.get("model_cfg", data)
-    if not isinstance(model_cfg, dict) or "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
-        raise ClawError(f"{where}: not an OpenCLIP model config (needs vision_cfg and text_cfg)")
-    return model_cfg, dict(data.get("preprocess_cfg") or {})
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("vision_cfg"), dict) \
+            or not isinstance(model_cfg.get("text_cfg"), dict):
+        raise ClawError(f"{where}: not an OpenCLIP model config (needs vision_cfg and text_cfg objects)")
+    preprocess = data.get("preprocess_cfg") or {}
+    if not isinstance(preprocess, dict):
+        raise ClawError(f"{where}: preprocess_cfg is not an object")
+    return model_cfg, dict(preprocess)
 
 
 class OpenClipFormat(Format):
@@ -79,18 +83,28 @@ class OpenClipFormat(Format):
             store = open_tensors(path, unsafe_pickle=options.unsafe_pickle, prefer=WEIGHT_NAMES)
         else:
             if options.model_config:
-                model_cfg, preprocess = _model_cfg_from(_read_json(Path(options.model_config)), Path(options.model_config))
+                cfg_path = Path(options.model_config)
+                model_cfg, preprocess = _model_cfg_from(_read_json(cfg_path), cfg_path)
             elif options.model_name:
+                cfg_path = f"open_clip model config '{options.model_name}'"
                 model_cfg, preprocess = builtin_model_config(options.model_name), {}
             else:
                 raise ClawError(f"{path}: an OpenCLIP checkpoint file carries no config; pass --model-name NAME "
                                 f"(a built-in open_clip config such as ViT-B-32) or --model-config FILE")
             store = open_tensors(path, unsafe_pickle=options.unsafe_pickle)
-        family = family_claiming(self.name, model_cfg)
-        if family is None:
-            raise ClawError(f"{path}: no model family handles this OpenCLIP config "
-                            f"(vision_cfg={json.dumps(model_cfg.get('vision_cfg'))[:120]})")
-        config = family.codec(self.name).read(model_cfg)
+        try:
+            family = family_claiming(self.name, model_cfg)
+            if family is None:
+                raise ClawError(f"{path}: no model family handles this OpenCLIP config "
+                                f"(vision_cfg={json.dumps(model_cfg.get('vision_cfg'), default=str)[:120]})")
+            config = family.codec(self.name).read(model_cfg)
+        except ClawError as e:  # name the config the problem is in
+            raise (e if str(cfg_path) in str(e) or str(path) in str(e) else ClawError(f"{cfg_path}: {e}", e.details)) from e
+        except Exception as e:  # nonsense values (a list for a width, a zero head width ...)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ClawError(f"{cfg_path}: not a valid OpenCLIP model config ({e.__class__.__name__}: {first})") from e
+        from ..integrity import check_config
+        check_config(family, config, store, cfg_path)
         extras = Extras(preprocess={k: v for k, v in preprocess.items() if k in PREPROCESS_KEYS},
                         license=model_cfg.get("license"))
         text_cfg = model_cfg.get("text_cfg", {})

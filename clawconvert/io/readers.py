@@ -522,7 +522,8 @@ def _torch_load(path: Path, kw: dict):
 
 def _refusal_detail(text: str) -> str:
     """The global torch's restricted unpickler refused, e.g. ``posix.system``."""
-    m = re.search(r"(?:Unsupported global|GLOBAL)[^A-Za-z_]*([A-Za-z_][\w.]*(?:\.[\w]+)*)", text)
+    m = re.search(r"Unsupported global:\s*(?:GLOBAL\s+)?([A-Za-z_][\w.]*)", text) or \
+        re.search(r"\bGLOBAL\s+([A-Za-z_][\w.]*)", text)
     if m:
         return f"it imports {m.group(1)}"
     for line in text.splitlines():
