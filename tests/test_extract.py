@@ -133,7 +133,7 @@ def test_hf_text_tower_reads_only_its_shards_and_equals_the_full_model(hf_sharde
     src, full = hf_sharded
     shards = shards_by_tower(src)
     r = clawconvert.extract_text(src, tmp_path / "t", with_projection=with_projection, verify=True)
-    read_files = {f for f, _ in reads if True}
+    read_files = {f for f, _ in reads}
     # verify=True loads both models through transformers, not through the store: reads are extraction's only
     assert read_files <= shards["text"] and not read_files & (shards["visual"] - shards["text"])
     assert r.verification["bit_exact"] and r.verification["passed"]

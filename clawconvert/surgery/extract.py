@@ -99,7 +99,7 @@ def extract(src: str | Path, dst: str | Path, tower: str = "visual", to: str = "
         if with_projection:  # timm's head is a Linear with bias; CLIP's projection has none: zeros
             writer_plan = writer_plan + [("head.bias", (num_classes,), writer_plan[-1][2])]
         arch = timm_towers.match_architecture(family, config, {n: tuple(s) for n, s, _ in writer_plan}, num_classes)
-    cls_name = _class_name(family, tower, to, with_projection, arch, config)
+    cls_name = _class_name(family, tower, to, with_projection, arch)
 
     shard = parse_size(max_shard_size) if to == "hf" else NEVER_SHARD
     dest = Path(dst).absolute()
@@ -116,7 +116,7 @@ def extract(src: str | Path, dst: str | Path, tower: str = "visual", to: str = "
             writer.abort()
             raise
         notes += _write_side_files(tmp, ckpt, tower, to, with_projection, arch, num_classes)
-        load = _load_lines(family, tower, to, with_projection, arch, num_classes, dest, config)
+        load = _load_lines(family, tower, to, with_projection, arch, num_classes, dest)
         figures = None
         if verify:
             figures = verify_tower(ckpt, options, tmp, tower, to, with_projection, arch, num_classes,
@@ -193,7 +193,7 @@ def _nbytes(shape, dtype) -> int:
 # ------------------------------------------------------------------------------------
 # side files and how to load the output
 # ------------------------------------------------------------------------------------
-def _class_name(family, tower: str, to: str, with_projection: bool, arch: str | None, config) -> str:
+def _class_name(family, tower: str, to: str, with_projection: bool, arch: str | None) -> str:
     if to == "hf":
         return family.tower_model_class(tower, with_projection).__name__
     if to == "timm":
@@ -232,7 +232,7 @@ def openclip_load_lines(tower: str, out_dir: Path) -> list[str]:
 
 
 def _load_lines(family, tower: str, to: str, with_projection: bool, arch: str | None, num_classes: int,
-                dest: Path, config) -> list[str]:
+                dest: Path) -> list[str]:
     if to == "hf":
         cls = family.tower_model_class(tower, with_projection).__name__
         return [f"from transformers import {cls}", f"model = {cls}.from_pretrained({str(dest)!r})"]
