@@ -20,6 +20,12 @@ from clawconvert.errors import ClawError
 from clawconvert.io.readers import SafetensorsStore
 from conftest import FIXTURES, assert_one_line_error
 
+try:  # the loopback Hub fixture of test_hub.py, for --push-to
+    from test_hub import hub  # noqa: F401
+    HAVE_HUB = True
+except Exception:  # pragma: no cover - hub tests not in this checkout
+    HAVE_HUB = False
+
 transformers = pytest.importorskip("transformers")
 from transformers import (AutoModel, CLIPConfig, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection,  # noqa: E402
                           CLIPVisionModel, CLIPVisionModelWithProjection)
@@ -340,6 +346,17 @@ def test_timm_refuses_a_tower_no_architecture_holds_naming_the_closest(tmp_path)
     with pytest.raises(ClawError, match=r"no timm architecture holds this clip image tower .*closest: vit_"):
         clawconvert.extract_visual(TINY, tmp_path / "t", to="timm")
     assert not (tmp_path / "t").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not HAVE_HUB, reason="needs the loopback Hub fixture of tests/test_hub.py")
+def test_push_to_uploads_the_tower_with_a_provenance_card(hub, tmp_path, cli):
+    r = cli("extract-visual", TINY, tmp_path / "v", "--with-projection", "--push-to", "alice/tiny-vision", "-q")
+    assert r.code == 0, r.err
+    assert "pushed to alice/tiny-vision" in r.out
+    files = hub.files("alice/tiny-vision")
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "clawconvert_manifest.json"} <= set(files)
+    card = files["README.md"].decode()
+    assert "image-feature-extraction" in card and "CLIPVisionModelWithProjection" in card
 
 
 # ------------------------------------------------------------------------------------
