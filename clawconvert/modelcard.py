@@ -33,11 +33,12 @@ LIBRARY_OF_FORMAT = {
     "open_clip": "open_clip",
     "big_vision": "big_vision",
     "bigvision": "big_vision",
+    "timm": "timm",
 }
 
 # human names for formats and families, used in prose only
 _FORMAT_NAME = {"transformers": "Hugging Face transformers", "open_clip": "OpenCLIP",
-                "big_vision": "big_vision"}
+                "big_vision": "big_vision", "timm": "timm"}
 _FAMILY_NAME = {"clip": "CLIP", "siglip": "SigLIP", "siglip2": "SigLIP 2", "llava": "LLaVA"}
 
 # Hub pipeline tags
