@@ -181,8 +181,10 @@ def check_config(family: Any, config: Any, store: Any, origin: Path | str) -> No
     except Exception as e:
         raise ClawError(f"{origin}: not a usable {family.name} config ({e.__class__.__name__}: {_first_line(e)})") from e
     walk(data, "")
+    from .verify import quiet  # transformers logs warnings about the values it is about to reject
     try:
-        family.canonical_shapes(config)
+        with quiet():
+            family.canonical_shapes(config)
     except ClawError as e:
         raise (e if str(origin) in str(e) else ClawError(f"{origin}: {e}", e.details)) from e
     except Exception as e:  # transformers' constructors on nonsense values

@@ -652,6 +652,8 @@ def _worker(conn, root: str, seed: int, timeout: float) -> None:
     warnings.simplefilter("ignore")
     rootp = Path(root)
     bases = build_bases(rootp / "base")
+    for fmt in FORMATS:  # warm up: the first conversion pays for importing open_clip/transformers models
+        run_case(fmt, -1, seed, bases, rootp / "cases" / f"warm-{os.getpid()}", 0)
     conn.send(("ready", None))
     while True:
         job = conn.recv()

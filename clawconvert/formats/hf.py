@@ -34,13 +34,13 @@ class HFFormat(Format):
     weights_name = "model"
 
     def detect(self, path: Path) -> bool:
-        if not path.is_dir() or not (path / "config.json").is_file():
+        if not path.is_dir() or not ((path / "config.json").exists() or (path / "config.json").is_symlink()):
             return False
         try:
             data = read_json_file(path / "config.json", "config.json")
         except ClawError:
             return True  # unreadable: open() says what is wrong with it, rather than "cannot tell its format"
-        return isinstance(data, dict) and "model_type" in data
+        return not isinstance(data, dict) or "model_type" in data  # not an object: open() says so
 
     def open(self, path: Path, options: SourceOptions) -> Checkpoint:
         if not path.is_dir():
@@ -51,8 +51,10 @@ class HFFormat(Format):
             family = family_for_hf_model_type(str(data.get("model_type")))
         except ClawError as e:
             raise ClawError(f"{cfg_path}: {e}") from e
+        from ..verify import quiet  # transformers logs about odd values; a bad one is refused below, in one line
         try:
-            config = family.config_from_dict(data)
+            with quiet():
+                config = family.config_from_dict(data)
         except Exception as e:  # transformers raises many kinds on bad configs
             first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
             raise ClawError(f"{cfg_path}: not a valid {str(data.get('model_type'))[:40]} config ({first})") from e

@@ -488,6 +488,14 @@ def load_torch_file(path: Path, unsafe_pickle: bool = False):
     if unsafe_pickle:
         print(f"clawconvert: warning: {path}: --unsafe-pickle: loading with full pickle, which runs any code "
               f"the file carries; use only on files from authors you trust", file=sys.stderr)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ClawError(f"{path}: cannot read: {e.strerror or e}") from e
+    if not magic.startswith(b"PK") and magic[:1] != b"\x80":  # torch.save: a zip, or (legacy) pickle protocol 2
+        raise ClawError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle; it starts with "
+                        f"{magic!r})")
     kw = dict(map_location="cpu", weights_only=not unsafe_pickle)
     try:
         with warnings.catch_warnings():  # torch's chatter (pickle protocol, storage deprecations) is not ours
