@@ -64,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import shlex
+
+    from .provenance import COMMAND_LINE
+    token = COMMAND_LINE.set("clawconvert " + shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv]))
+    try:
+        return _run(args, debug)
+    finally:
+        COMMAND_LINE.reset(token)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     from .io.readers import finite_checks
     try:
         # --check-finite (source options): every tensor read from a source is checked for NaN/Inf

@@ -8,6 +8,7 @@ every other file in the directory.  The hub model card is written from it and
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
@@ -18,6 +19,17 @@ from typing import Any
 from . import __version__
 
 MANIFEST = "clawconvert_manifest.json"
+
+# the command line being run, set by the CLI (``main(argv)`` may be called in-process, where
+# sys.argv is the host program's); None when called through the Python API
+COMMAND_LINE: contextvars.ContextVar[str | None] = contextvars.ContextVar("clawconvert_command_line", default=None)
+
+
+def _command_line() -> str:
+    line = COMMAND_LINE.get()
+    if line is not None:
+        return line
+    return "python API (" + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:200] + ")"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -56,7 +68,7 @@ def write_manifest(out_dir: Path, record: dict[str, Any]) -> Path:
     manifest = {
         "tool": "clawconvert",
         "version": __version__,
-        "command": record.pop("command", " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])),
+        "command": record.pop("command", None) or _command_line(),
         **record,
         "files": files,
     }
