@@ -137,16 +137,23 @@ def table(data: dict) -> str:
     lines: list[str] = []
     st = data.get("settings", {})
     m = data.get("machine", {})
-    lines.append(f"Medians of {st.get('reps')} runs per tool, alternating tools; page cache: {st.get('page_cache')} "
-                 f"(sources read into it before every run, no tool fsyncs, outputs deleted after each run). "
-                 f"Peak RSS = ru_maxrss of the process (GNU time). Machine: {m.get('cpus')} CPUs, "
-                 f"{gib(m.get('memory_total_bytes'))} RAM, load average {', '.join(f'{x:.1f}' for x in m.get('load_before', []))}"
-                 f" at start, {', '.join(f'{x:.1f}' for x in m.get('load_after', []))} at the end (shared machine).")
+    lines.append(f"Medians of {st.get('reps')} runs per tool, tools alternating within each repetition. "
+                 f"Page cache: {st.get('page_cache')} (source files "
+                 + ("read into the page cache" if st.get("page_cache") == "warm" else "evicted from the page cache")
+                 + " before every run; outputs deleted after each run). clawconvert fsyncs its outputs, so the "
+                 "floor is `cp` + fsync of the copies; the peers' save_pretrained and plain `cp` stop at the page "
+                 "cache. Peak RSS = ru_maxrss of the process as GNU time reports it. "
+                 f"Machine: {m.get('cpus')} CPUs, {gib(m.get('memory_total_bytes'))} RAM, shared; load average "
+                 f"{', '.join(f'{x:.1f}' for x in m.get('load_before', []))} at the start, "
+                 f"{', '.join(f'{x:.1f}' for x in m.get('load_after', []))} at the end.")
     floor = data.get("clawconvert_floor")
     if floor and _ok(floor):
         lines.append(f"\nclawconvert's fixed cost (the same convert on a {gb(floor['checkpoint_bytes'])} checkpoint: "
                      f"interpreter, imports, planning): {secs(floor['median_wall_s'])}, peak RSS "
                      f"{gib(floor['median_peak_rss_bytes'])}.")
+        for label, imp in (floor.get("imports") or {}).items():
+            if _ok(imp):
+                lines.append(f"- {label}: {secs(imp['median_wall_s'])}, peak RSS {gib(imp['median_peak_rss_bytes'])}")
     for scen in data.get("scenarios", []):
         lines.append(f"\n### {scen['number']}. {scen['title']}\n")
         lines.append("| size | checkpoint | tool | wall (median) | peak RSS (median) | RSS / checkpoint | wall / cp "
@@ -165,7 +172,7 @@ def table(data: dict) -> str:
                     lines.append(f"| {head} | {name} | {t.get('status', 'not run')}{extra} | | | | |")
                     continue
                 w, r = t["median_wall_s"], t["median_peak_rss_bytes"]
-                frac = f"{r / s['checkpoint_bytes']:.0%}" if t["role"] != "floor" else ""
+                frac = f"{r / s['checkpoint_bytes']:.0%}" if t["role"] in ("clawconvert", "peer") else ""
                 vs_cp = _row_ratio(w, cp.get("median_wall_s")) if _ok(cp) and t["role"] != "floor" else ""
                 vs = ""
                 if t["role"] == "peer" and _ok(claw):
@@ -202,7 +209,7 @@ def plots(data: dict, out_dir: Path) -> list[str]:
         return ["(no plots: matplotlib is not installed; pip install -e '.[bench]')"]
     written = []
     scen = next((s for s in data.get("scenarios", []) if s["key"] == "openclip-hf"), None)
-    colors = {"clawconvert": "tab:blue", "peer": "tab:red", "floor": "tab:gray"}
+    colors = {"clawconvert": "tab:blue", "peer": "tab:red", "floor": "tab:gray", "reference": "silver"}
     if scen and scen["sizes"]:
         for what, key, ylabel, fname in (("peak RSS", "median_peak_rss_bytes", "peak RSS (GiB)", "memory_vs_size.png"),
                                          ("wall time", "median_wall_s", "wall time (s)", "time_vs_size.png")):

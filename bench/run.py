@@ -16,9 +16,11 @@ largest checkpoint) it
    says plainly which of the issue's targets are met and which are missed.
 
 Page cache: by default every run starts with its source files read into the page cache
-(``--page-cache warm``), ``cp`` included; outputs are written without fsync by every tool
-(clawconvert, the peers and cp alike) and deleted after each run.  ``--page-cache cold``
-evicts the source files (``posix_fadvise DONTNEED``) before every run instead.
+(``--page-cache warm``), ``cp`` included, and every output is deleted after its run.
+clawconvert fsyncs what it writes, so the floor is ``cp`` followed by an fsync of the
+copies; plain ``cp`` (page cache only, as the peers' ``save_pretrained``) is listed next
+to it for reference.  ``--page-cache cold`` evicts the source files
+(``posix_fadvise DONTNEED``, no root needed) before every run instead.
 
 Smoke run (seconds on an idle machine; what ``tests/test_bench_smoke.py`` runs)::
 
@@ -56,6 +58,13 @@ SIZE_ORDER = ["tiny", "tiny2", "B32", "L14", "H14", "bigG"]
 DEFAULT_DTYPE = {"openclip": {"bigG": "fp16"}, "big_vision": {}, "llm-lora": {}}
 KIND_DTYPE = {"openclip": "fp32", "big_vision": "fp32", "llm-lora": "bf16"}
 FLOOR_SIZE = "tiny"   # clawconvert's own start-up footprint is measured on this checkpoint
+IMPORT_FOOTPRINTS = (
+    ("python, nothing imported", "pass"),
+    ("python + numpy", "import numpy"),
+    ("python + import torch", "import torch"),
+    ("python + torch + transformers CLIPModel + open_clip (what convert imports)",
+     "import torch, open_clip; from transformers import CLIPModel, CLIPTokenizer, CLIPImageProcessor"),
+)
 
 
 def parse_bytes(text: str) -> int:
@@ -157,7 +166,7 @@ class Bench:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         dst = work / "out"
-        if tool.role == "floor":
+        if tool.role in ("floor", "reference"):
             dst.mkdir()
         files = self.source_files(ckpt, info)
         cache_s = measure.warm_page_cache(files) if self.args.page_cache == "warm" else measure.drop_page_cache(files)
@@ -225,17 +234,34 @@ class Bench:
         return entry
 
     def run_floor(self) -> dict | None:
-        """clawconvert's fixed cost: the same command on a few-MB checkpoint (start-up, imports)."""
+        """clawconvert's fixed cost: the same command on a few-MB checkpoint (start-up, imports),
+        and what the interpreter and the libraries it imports hold before any tensor is read."""
         if self.args.tiny or self.args.no_floor or "openclip-hf" not in self.keys:
             return None
-        log("\nclawconvert start-up floor (convert of a 7 MB OpenCLIP checkpoint)")
+        log("\nclawconvert start-up floor (convert of a 7 MB OpenCLIP checkpoint) and import footprints")
         s = BY_KEY["openclip-hf"]
         ckpt, info = self.checkpoint("openclip", FLOOR_SIZE)
         tool = s.tools[0]
         slot = {"role": "clawconvert", "runs": [self.run_tool(tool, s, FLOOR_SIZE, r, ckpt, info)
                                                 for r in range(self.args.reps)],
                 "checkpoint_bytes": info["bytes"]}
-        return summarize(slot)
+        summarize(slot)
+        imports = {}
+        for label, code in IMPORT_FOOTPRINTS:
+            runs = []
+            for r in range(self.args.reps):
+                work = self.tmp / f"footprint-{len(imports)}-r{r}"
+                work.mkdir(parents=True, exist_ok=True)
+                res = measure.run_measured([PY, "-c", code], work / "log.txt", cwd=ROOT, env=self.env,
+                                           timeout=self.args.timeout, mem_limit=self.mem_limit,
+                                           min_available=self.min_available)
+                runs.append({**res.to_json(), "rep": r})
+                shutil.rmtree(work, ignore_errors=True)
+            imports[label] = summarize({"role": "reference", "code": code, "runs": runs})
+            log(f"    {label:<60} {imports[label].get('median_wall_s', 0):.1f} s, "
+                f"peak RSS {imports[label].get('median_peak_rss_bytes', 0) / 2**30:.2f} GiB")
+        slot["imports"] = imports
+        return slot
 
     # -- output ------------------------------------------------------------------------------
     def save(self) -> None:

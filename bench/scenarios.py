@@ -28,7 +28,7 @@ SYNTH_VERSION = 1   # bump when synth.py writes different bytes: cached checkpoi
 @dataclass(frozen=True)
 class Tool:
     name: str
-    role: str                       # "clawconvert" | "peer" | "floor"
+    role: str                       # "clawconvert" | "peer" | "floor" | "reference"
     argv: tuple[str, ...]
     requires: tuple[tuple[str, str], ...] = ()   # ("command", "extract-visual"), ("format", "big_vision")
     note: str = ""
@@ -53,8 +53,15 @@ class Scenario:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-CP = Tool("cp (floor)", "floor", ("cp", "{weights}", "{dst}/"),
-          note="cp of the checkpoint's weight files: reading and writing the same bytes once")
+# clawconvert fsyncs what it writes (its outputs are durable once it says so), so the floor
+# is cp of the same bytes followed by an fsync of the copies; plain cp, which only reaches
+# the page cache, is shown next to it for reference.
+CP = Tool("cp + fsync (floor)", "floor",
+          ("sh", "-c", 'd="$1"; shift; cp -- "$@" "$d"/ && sync -- "$d"/* "$d"', "sh", "{dst}", "{weights}"),
+          note="cp of the checkpoint's weight files, then fsync of the copies: reading and writing the "
+               "same bytes once, durably (clawconvert fsyncs its outputs)")
+CP_CACHE = Tool("cp (page cache only)", "reference", ("cp", "--", "{weights}", "{dst}/"),
+                note="plain cp: the writes reach the page cache only (no fsync), like the peers' save_pretrained")
 
 
 def claw(*args: str, requires=()) -> Tool:
@@ -75,6 +82,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             claw("convert", "{src}", "{dst}", "--to", "hf", "-q"),
             peer("openclip-to-hf", "open_clip model + CLIPModel + copy + save_pretrained", "{src}", "{dst}"),
             CP,
+            CP_CACHE,
         ),
     ),
     Scenario(
@@ -86,6 +94,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             peer("bigvision-to-hf", "whole .npz + SiglipModel + save_pretrained (transformers' script)",
                  "{src}", "{dst}"),
             CP,
+            CP_CACHE,
         ),
     ),
     Scenario(
@@ -96,6 +105,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             claw("convert", "{src}", "{dst}", "--to", "openclip", "-q", requires=(("format", "big_vision"),)),
             peer("bigvision-to-openclip", "open_clip model + load_big_vision_weights + save", "{src}", "{dst}"),
             CP,
+            CP_CACHE,
         ),
     ),
     Scenario(
@@ -105,6 +115,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             claw("merge-lora", "{ckpt}/base", "{ckpt}/adapter", "{dst}", "-q", requires=(("command", "merge-lora"),)),
             peer("merge-peft", "PEFT merge_and_unload + save_pretrained", "{ckpt}/base", "{ckpt}/adapter", "{dst}"),
             CP,
+            CP_CACHE,
         ),
     ),
     Scenario(
@@ -116,6 +127,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                  requires=(("command", "extract-visual"),)),
             peer("extract-visual-openclip", "open_clip full model, save model.visual", "{src}", "{dst}"),
             CP,
+            CP_CACHE,
         ),
     ),
 )
