@@ -6,6 +6,19 @@ with code 2; the Python API lets it propagate.  Anything else escaping is a bug.
 """
 from __future__ import annotations
 
+import re
+
+# names inside messages come from files (tensor names, zip members, index entries): a newline,
+# a carriage return or a terminal escape in one must not break the one-line promise
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+MAX_LINE = 2000
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b`` ...) and cut to a sane length."""
+    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE] + "..."
+
 
 class ClawError(Exception):
     """A user-facing error: ``str(err)`` is one clear line; ``details`` are extra lines."""
@@ -13,8 +26,8 @@ class ClawError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, details: list[str] | None = None):
-        super().__init__(message)
-        self.details = list(details or [])
+        super().__init__(one_line(message))
+        self.details = [one_line(d) for d in (details or [])]
 
 
 class VerificationFailed(ClawError):
