@@ -558,6 +558,13 @@ def test_paths_with_spaces_and_non_ascii(tmp_path, cli):
     assert r.code == 2 and str(src / ST) in r.err
 
 
+def test_a_destination_name_near_the_file_system_limit(tmp_path, cli):
+    out = tmp_path / ("m" * 250)
+    assert cli("convert", TINY, out, "--to", "openclip").code == 0
+    assert cli("verify", "--manifest", out).code == 0
+    _no_leftovers(tmp_path)
+
+
 @pytest.mark.parametrize("when", ["first-tensor", "later-tensor", "close", "side-files"])
 def test_disk_full_mid_write(when, tmp_path, cli, monkeypatch):
     from clawconvert.io import writers

@@ -238,7 +238,9 @@ def _write_error(dst: Path, tmp: Path, e: OSError) -> ClawError:
 @contextlib.contextmanager
 def _temporary_beside(dst: Path, payload: str) -> Iterator[Path]:
     """A fresh hidden directory in ``dst``'s parent, always removed afterwards."""
-    tmp = dst.parent / f"{TMP_PREFIX}{dst.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    # the name is cut so a destination name near NAME_MAX (255) still leaves room; the owner
+    # file records it in full
+    tmp = dst.parent / f"{TMP_PREFIX}{dst.name[:80]}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
         (tmp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
