@@ -88,7 +88,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
     verifies against both frameworks, then renames into ``dst``.  A format whose output is
     one file (big_vision: ``dst`` is ``model.npz``) is written beside ``dst`` and renamed the
     same way; it carries no manifest.  ``write_options`` go to the target's writer
-    (big_vision: ``{"stacked": True}`` for the scan layout).
+    (big_vision: ``{"stacked": True}`` for the scan layout, ``"txt"`` for the text tower only).
     """
     src_path, hub_info = resolve(src)
     target = get_format(to)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,37 +90,46 @@ def _check_against_open_clip(shape, npz: Path, out: Path) -> dict:
 # ------------------------------------------------------------------------------------
 # big_vision -> OpenCLIP == open_clip's own loader, released shapes
 # ------------------------------------------------------------------------------------
+@pytest.fixture
+def scratch(tmp_path):
+    """tmp_path, removed right after the test: released-size checkpoints must not pile up on disk."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def b16(tmp_path_factory):
     d = tmp_path_factory.mktemp("b16")
-    return {"flat": write(d / "b16.npz", B16), "scan": write(d / "b16_scan.npz", B16, stacked=("img", "txt")),
-            "dir": d}
+    yield {"flat": write(d / "b16.npz", B16), "scan": write(d / "b16_scan.npz", B16, stacked=("img", "txt")), "dir": d}
+    shutil.rmtree(d, ignore_errors=True)
 
 
-def test_b16_big_vision_to_openclip_equals_open_clip_loader(b16, tmp_path):
-    _check_against_open_clip(B16, b16["flat"], tmp_path / "oc")
+def test_b16_big_vision_to_openclip_equals_open_clip_loader(b16, scratch):
+    _check_against_open_clip(B16, b16["flat"], scratch / "oc")
     # the same weights stacked (scan layout) give the same OpenCLIP checkpoint
-    clawconvert.convert(b16["scan"], tmp_path / "oc_scan", to="openclip")
-    _same_safetensors(tmp_path / "oc" / "open_clip_model.safetensors", tmp_path / "oc_scan" / "open_clip_model.safetensors")
+    clawconvert.convert(b16["scan"], scratch / "oc_scan", to="openclip")
+    _same_safetensors(scratch / "oc" / "open_clip_model.safetensors", scratch / "oc_scan" / "open_clip_model.safetensors")
 
 
 @SLOW
 @pytest.mark.parametrize("shape", [L16, SO400M14, SO400M16_I18N, SIGLIP2_B16], ids=lambda s: s.name)
-def test_released_shapes_big_vision_to_openclip_equal_open_clip_loader(shape, tmp_path):
+def test_released_shapes_big_vision_to_openclip_equal_open_clip_loader(shape, scratch):
     # SigLIP 2 releases stack the text tower
-    npz = write(tmp_path / "src.npz", shape, stacked=("txt",) if shape is SIGLIP2_B16 else ())
-    cfg = _check_against_open_clip(shape, npz, tmp_path / "oc")
+    npz = write(scratch / "src.npz", shape, stacked=("txt",) if shape is SIGLIP2_B16 else ())
+    cfg = _check_against_open_clip(shape, npz, scratch / "oc")
     if shape.head is None:
         assert cfg["text_cfg"]["proj_type"] == "none"
-    clawconvert.convert(tmp_path / "oc", tmp_path / "back.npz", to="big_vision",
-                        write_options={"stacked": shape is SIGLIP2_B16})
-    _same_npz(npz, tmp_path / "back.npz")
+    clawconvert.convert(scratch / "oc", scratch / "back.npz", to="big_vision",
+                        write_options={"stacked": "txt" if shape is SIGLIP2_B16 else False})
+    _same_npz(npz, scratch / "back.npz")
+    (scratch / "back.npz").unlink()
     if shape.head is None:   # HF's identity head, and back to none
-        clawconvert.convert(npz, tmp_path / "hf", to="hf")
-        w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+        clawconvert.convert(npz, scratch / "hf", to="hf")
+        npz.unlink()
+        w = load_file(str(scratch / "hf" / "model.safetensors"))
         assert torch.equal(w["text_model.head.weight"].float(), torch.eye(shape.twidth))
-        clawconvert.convert(tmp_path / "hf", tmp_path / "oc2", to="openclip")
-        _same_safetensors(tmp_path / "oc" / "open_clip_model.safetensors", tmp_path / "oc2" / "open_clip_model.safetensors")
+        clawconvert.convert(scratch / "hf", scratch / "oc2", to="openclip")
+        _same_safetensors(scratch / "oc" / "open_clip_model.safetensors", scratch / "oc2" / "open_clip_model.safetensors")
 
 
 # ------------------------------------------------------------------------------------
@@ -129,41 +139,42 @@ def test_released_shapes_big_vision_to_openclip_equal_open_clip_loader(shape, tm
 def b16_oc(b16, tmp_path_factory):
     out = tmp_path_factory.mktemp("b16oc") / "oc"
     clawconvert.convert(b16["flat"], out, to="openclip")
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)
 
 
 WEIGHTS = "open_clip_model.safetensors"
 
 
-def test_big_vision_openclip_big_vision_bit_exact_both_layouts(b16, b16_oc, tmp_path):
-    clawconvert.convert(b16_oc, tmp_path / "back.npz", to="big_vision")
-    _same_npz(b16["flat"], tmp_path / "back.npz")
-    clawconvert.convert(b16["scan"], tmp_path / "oc_scan", to="openclip")
-    clawconvert.convert(tmp_path / "oc_scan", tmp_path / "back_scan.npz", to="big_vision", write_options={"stacked": True})
-    _same_npz(b16["scan"], tmp_path / "back_scan.npz")
+def test_big_vision_openclip_big_vision_bit_exact_both_layouts(b16, b16_oc, scratch):
+    clawconvert.convert(b16_oc, scratch / "back.npz", to="big_vision")
+    _same_npz(b16["flat"], scratch / "back.npz")
+    clawconvert.convert(b16["scan"], scratch / "oc_scan", to="openclip")
+    clawconvert.convert(scratch / "oc_scan", scratch / "back_scan.npz", to="big_vision", write_options={"stacked": True})
+    _same_npz(b16["scan"], scratch / "back_scan.npz")
 
 
-def test_openclip_big_vision_openclip_bit_exact(b16_oc, tmp_path):
-    clawconvert.convert(b16_oc, tmp_path / "bv.npz", to="big_vision", write_options={"stacked": True})
-    clawconvert.convert(tmp_path / "bv.npz", tmp_path / "oc2", to="openclip")
-    _same_safetensors(b16_oc / WEIGHTS, tmp_path / "oc2" / WEIGHTS)
+def test_openclip_big_vision_openclip_bit_exact(b16_oc, scratch):
+    clawconvert.convert(b16_oc, scratch / "bv.npz", to="big_vision", write_options={"stacked": True})
+    clawconvert.convert(scratch / "bv.npz", scratch / "oc2", to="openclip")
+    _same_safetensors(b16_oc / WEIGHTS, scratch / "oc2" / WEIGHTS)
     assert (json.loads((b16_oc / "open_clip_config.json").read_text())
-            == json.loads((tmp_path / "oc2" / "open_clip_config.json").read_text()))
+            == json.loads((scratch / "oc2" / "open_clip_config.json").read_text()))
 
 
-def test_openclip_hf_openclip_and_hf_openclip_hf_bit_exact(b16_oc, tmp_path):
-    clawconvert.convert(b16_oc, tmp_path / "hf", to="hf")
-    clawconvert.convert(tmp_path / "hf", tmp_path / "oc2", to="openclip")
-    _same_safetensors(b16_oc / WEIGHTS, tmp_path / "oc2" / WEIGHTS)
-    clawconvert.convert(tmp_path / "oc2", tmp_path / "hf2", to="hf")
-    _same_safetensors(tmp_path / "hf" / "model.safetensors", tmp_path / "hf2" / "model.safetensors")
-    a, b = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "hf", tmp_path / "hf2"))
+def test_openclip_hf_openclip_and_hf_openclip_hf_bit_exact(b16_oc, scratch):
+    clawconvert.convert(b16_oc, scratch / "hf", to="hf")
+    clawconvert.convert(scratch / "hf", scratch / "oc2", to="openclip")
+    _same_safetensors(b16_oc / WEIGHTS, scratch / "oc2" / WEIGHTS)
+    clawconvert.convert(scratch / "oc2", scratch / "hf2", to="hf")
+    _same_safetensors(scratch / "hf" / "model.safetensors", scratch / "hf2" / "model.safetensors")
+    a, b = (json.loads((p / "config.json").read_text()) for p in (scratch / "hf", scratch / "hf2"))
     assert a == b
 
 
-def test_big_vision_to_openclip_drift_is_the_gelu_variant_only(b16, tmp_path):
+def test_big_vision_to_openclip_drift_is_the_gelu_variant_only(b16, scratch):
     """timm's B/16 SigLIP trunk computes exact GELU; big_vision tanh: verify names it and measures it."""
-    res = clawconvert.convert(b16["flat"], tmp_path / "oc", to="openclip", verify=True)
+    res = clawconvert.convert(b16["flat"], scratch / "oc", to="openclip", verify=True)
     f = res.verification
     print(f"big_vision -> OpenCLIP B/16: image {f['image_embeds']:.2e}, text {f['text_embeds']:.2e}, "
           f"logits {f['logits_per_image']:.2e}")
@@ -171,11 +182,11 @@ def test_big_vision_to_openclip_drift_is_the_gelu_variant_only(b16, tmp_path):
     assert f["text_embeds"] < 1e-5            # text: tanh GELU via act_kwargs, same function
     assert 1e-5 < f["image_embeds"] < 5e-3    # image: exact vs tanh GELU only
     assert any("exact GELU where this model uses tanh GELU" in n for n in res.notes)
-    cfg = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())["model_cfg"]
+    cfg = json.loads((scratch / "oc" / "open_clip_config.json").read_text())["model_cfg"]
     assert cfg["vision_cfg"]["timm_model_name"] == "vit_base_patch16_siglip_224"
     # OpenCLIP -> HF keeps what open_clip computes: exact GELU in the image tower, tanh in text
-    clawconvert.convert(tmp_path / "oc", tmp_path / "hf", to="hf")
-    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    clawconvert.convert(scratch / "oc", scratch / "hf", to="hf")
+    hf = json.loads((scratch / "hf" / "config.json").read_text())
     assert hf["vision_config"]["hidden_act"] == "gelu" and hf["text_config"]["hidden_act"] == "gelu_pytorch_tanh"
 
 
@@ -201,23 +212,23 @@ NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reas
 
 
 @NEEDS_PROC
-def test_stacked_b16_conversion_memory_stays_far_below_its_size(b16, tmp_path):
+def test_stacked_b16_conversion_memory_stays_far_below_its_size(b16, scratch):
     """Stacked leaves are read one layer at a time (an offset read), written through spill files."""
     size = b16["scan"].stat().st_size / 1e6
-    hf = tmp_path / "hf"
+    hf = scratch / "hf"
     added = _added_peak_mb(b16["scan"], hf, "hf")
-    back = _added_peak_mb(hf, tmp_path / "scan.npz", "big_vision")
+    back = _added_peak_mb(hf, scratch / "scan.npz", "big_vision")
     print(f"B/16 stacked ({size:.0f} MB): -> hf added {added:.0f} MB peak RSS, hf -> stacked big_vision {back:.0f} MB")
     assert added < 0.3 * size and back < 0.3 * size   # largest tensor: the 49 MB token embedding
 
 
 @SLOW
 @NEEDS_PROC
-def test_so400m_stacked_conversion_memory_stays_far_below_its_size(tmp_path):
-    npz = write(tmp_path / "so400m.npz", SO400M14, stacked=("img", "txt"))
+def test_so400m_stacked_conversion_memory_stays_far_below_its_size(scratch):
+    npz = write(scratch / "so400m.npz", SO400M14, stacked=("img", "txt"))
     size = npz.stat().st_size / 1e6
-    added = _added_peak_mb(npz, tmp_path / "hf", "hf")
-    back = _added_peak_mb(tmp_path / "hf", tmp_path / "scan.npz", "big_vision")
+    added = _added_peak_mb(npz, scratch / "hf", "hf")
+    back = _added_peak_mb(scratch / "hf", scratch / "scan.npz", "big_vision")
     print(f"So400m/14 stacked ({size:.0f} MB): -> hf added {added:.0f} MB peak RSS, hf -> stacked big_vision {back:.0f} MB")
     assert added < 0.15 * size and back < 0.15 * size
 

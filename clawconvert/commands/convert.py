@@ -41,9 +41,10 @@ def register(sub) -> None:
     p.add_argument("--to", required=True, metavar="FMT", help="target format: hf, openclip or big_vision")
     add_source_options(p)
     add_output_options(p)
-    p.add_argument("--stacked", action="store_true",
-                   help="--to big_vision: write the stacked (scan) layout, one encoderblock/<leaf> per tower with a "
-                        "leading depth axis (default: per-layer encoderblock_N/, as released)")
+    p.add_argument("--stacked", nargs="?", const="img,txt", default=None, choices=["img,txt", "txt", "img"],
+                   metavar="TOWER", help="--to big_vision: write the stacked (scan) layout, encoderblock/<leaf> "
+                                         "with a leading depth axis, in both towers, or in one TOWER only (txt: "
+                                         "as SigLIP 2 is released); default: per-layer encoderblock_N/")
     g = p.add_argument_group("verification")
     g.add_argument("--verify", action="store_true",
                    help="run source and output in their own frameworks on the same inputs and compare "

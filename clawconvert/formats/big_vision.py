@@ -9,7 +9,7 @@ Reading accepts every released spelling and presents ONE layout to the tables:
 * bfloat16 stored as 2-byte numpy void.
 
 Writing produces one ``.npz`` in the released layout (``params/`` prefix, per-layer; stacked
-with ``--stacked``).  bfloat16 is written as 2-byte void, the way JAX checkpoints carry it.
+with ``--stacked``, or only one tower stacked with ``--stacked txt`` as SigLIP 2 releases are).  bfloat16 is written as 2-byte void, the way JAX checkpoints carry it.
 There is no config file: the family reads the architecture from the tensor shapes.
 """
 from __future__ import annotations
@@ -142,6 +142,21 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype("V2") if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
 
 
+TOWERS = ("img", "txt")
+
+
+def stacked_towers(stacked: Any) -> set[str]:
+    """``--stacked`` (both towers), ``--stacked txt`` (SigLIP 2 releases: text only) or ``img``."""
+    if stacked in (False, None, ""):
+        return set()
+    if stacked is True:
+        return set(TOWERS)
+    towers = {t.strip() for t in str(stacked).split(",") if t.strip()}
+    if not towers or towers - set(TOWERS):
+        raise ClawError(f"--stacked takes img, txt or img,txt (got {stacked!r})")
+    return towers
+
+
 class BigVisionWriter:
     """Stream tensors into one released-layout ``.npz`` (zip64, uncompressed).
 
@@ -151,17 +166,18 @@ class BigVisionWriter:
     ``encoderblock/<leaf>`` and removed.  Memory stays at one tensor either way.
     """
 
-    def __init__(self, path: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], stacked: bool = False):
+    def __init__(self, path: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], stacked: Any = False):
         self.path = Path(path)
+        towers = stacked_towers(stacked)
         self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._planned = {name: (tuple(shape), dtype) for name, shape, dtype in plan}
         self._groups: dict[str, dict[str, Any]] = {}   # stacked member -> spill state
         self._slot: dict[str, tuple[str, int]] = {}    # per-layer key -> (stacked member, layer)
-        if stacked:
+        if towers:
             layers: dict[str, dict[int, str]] = {}
             for name in self._planned:
                 m = PER_LAYER.match(name)
-                if m:
+                if m and name.split("/", 1)[0] in towers:
                     member = f"{m.group(1) or ''}encoderblock/{m.group(3)}"
                     layers.setdefault(member, {})[int(m.group(2))] = name
             for member, by_layer in layers.items():
@@ -253,7 +269,7 @@ class BigVisionFormat(Format):
     def write_side_files(self, out: Path, family: Family, config: Any, extras: Extras) -> list[str]:
         return []  # the .npz is the whole checkpoint: no config, tokenizer or preprocessing files
 
-    def writer(self, out: Path, plan: list, max_shard_size: int, metadata: dict | None = None, stacked: bool = False):
+    def writer(self, out: Path, plan: list, max_shard_size: int, metadata: dict | None = None, stacked: Any = False):
         if Path(out).suffix.lower() != ".npz":
             raise ClawError(f"{out.name}: a big_vision checkpoint is one .npz file: give DST a .npz name")
         return BigVisionWriter(out, plan, stacked=stacked)
