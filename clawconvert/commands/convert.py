@@ -65,6 +65,11 @@ def _add_push(p) -> None:
 
 def run(args) -> int:
     from .. import api
+    from ..errors import ClawError
+    from ..formats import get_format
+    if getattr(args, "push_to", None) and get_format(args.to).writes_file:
+        raise ClawError(f"--push-to needs an output directory; --to {args.to} writes one file "
+                        f"(push a directory made with --to hf or --to openclip)")
     result = api.convert(args.src, args.dst, to=args.to, src_format=args.src_format, model_name=args.model_name,
                          model_config=args.model_config, dtype=args.dtype, max_shard_size=args.max_shard_size,
                          verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,

@@ -584,16 +584,37 @@ class SiglipFamily(Family):
         return ACTIVATION_DRIFT if activation_changes(ckpt.config, target) else 0.0
 
     def write_hf_extras(self, out_dir: Path, config, extras: Extras) -> list[str]:
-        from transformers import SiglipImageProcessor
-
         strip_flags(out_dir)
+        return (self.write_hf_tower_extras(out_dir, config, extras, "visual")
+                + self.write_hf_tower_extras(out_dir, config, extras, "text"))
+
+    # -- towers (extract-visual / extract-text): the text head lives inside text_model ------
+    def tower_config(self, config, tower: str):
+        return tower_config(config, tower)
+
+    def tower_model_class(self, tower: str, with_projection: bool) -> type:
+        import transformers
+        return getattr(transformers, {"visual": "SiglipVisionModel", "text": "SiglipTextModel"}[tower])
+
+    def write_hf_tower_extras(self, out_dir: Path, config, extras: Extras, tower: str) -> list[str]:
+        if tower == "text":
+            return write_tokenizer(out_dir, config.text_config.vocab_size, extras)
+        from transformers import SiglipImageProcessor
         pre = {**siglip_preprocess(self.is_siglip2(config)), **extras.preprocess}
         size = config.vision_config.image_size
         SiglipImageProcessor(do_resize=True, size={"height": size, "width": size},
                              resample=_RESAMPLE.get(pre["interpolation"], 3), do_rescale=True, rescale_factor=1 / 255,
                              do_normalize=True, image_mean=list(pre["mean"]), image_std=list(pre["std"])
                              ).save_pretrained(str(out_dir))
-        return write_tokenizer(out_dir, config.text_config.vocab_size, extras)
+        return []
 
+
+def tower_config(config, tower: str):
+    """One tower's transformers config alone, without clawconvert's in-memory flags."""
+    import copy
+    sub = copy.deepcopy(config.vision_config if tower == "visual" else config.text_config)
+    for flag in (NO_TEXT_HEAD, NO_LOGIT_BIAS):
+        sub.__dict__.pop(flag, None)
+    return sub
 
 FAMILY = SiglipFamily()

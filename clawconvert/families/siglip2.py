@@ -123,17 +123,29 @@ class Siglip2Family(Family):
         return image, _ids(config, len(grids), seed)
 
     def write_hf_extras(self, out_dir: Path, config, extras: Extras) -> list[str]:
-        from transformers import Siglip2ImageProcessor
-
         strip_flags(out_dir)
+        return (self.write_hf_tower_extras(out_dir, config, extras, "visual")
+                + self.write_hf_tower_extras(out_dir, config, extras, "text"))
+
+    def tower_config(self, config, tower: str):
+        from .siglip import tower_config
+        return tower_config(config, tower)
+
+    def tower_model_class(self, tower: str, with_projection: bool) -> type:
+        import transformers
+        return getattr(transformers, {"visual": "Siglip2VisionModel", "text": "Siglip2TextModel"}[tower])
+
+    def write_hf_tower_extras(self, out_dir: Path, config, extras: Extras, tower: str) -> list[str]:
+        if tower == "text":
+            return write_tokenizer(out_dir, config.text_config.vocab_size, extras)
+        from transformers import Siglip2ImageProcessor
         pre = {**siglip_preprocess(True), **extras.preprocess}
         v = config.vision_config
         Siglip2ImageProcessor(do_resize=True, patch_size=v.patch_size, max_num_patches=v.num_patches,
                               resample={"bicubic": 3, "bilinear": 2}.get(pre["interpolation"], 2), do_rescale=True,
                               rescale_factor=1 / 255, do_normalize=True, image_mean=list(pre["mean"]),
                               image_std=list(pre["std"])).save_pretrained(str(out_dir))
-        return write_tokenizer(out_dir, config.text_config.vocab_size, extras)
-
+        return []
 
 def _ids(config, batch: int, seed: int):
     """Token rows the Gemma way: bos? tokens, eos, then pad 0 up to the full length."""
