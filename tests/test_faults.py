@@ -726,3 +726,15 @@ def test_an_overwrite_killed_between_its_two_renames_is_restored(tmp_path, cli):
     assert r.code == 2 and "already exists" in r.err and "restored the previous output" in r.err
     assert tree_hash(out) == old
     _no_leftovers(tmp_path)
+
+
+def test_a_parked_output_is_never_deleted_when_the_name_is_taken(tmp_path, cli):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parked = tmp_path / f".clawconvert-tmp-out-{dead.pid}-89abcdef"
+    (parked / "old").mkdir(parents=True)
+    (parked / "old" / "weights").write_text("the only copy")
+    (tmp_path / "out").mkdir()  # someone made a new 'out' since
+    r = cli("convert", TINY, tmp_path / "other", "--to", "openclip")
+    assert r.code == 0 and "nothing was deleted" in r.err
+    assert (parked / "old" / "weights").read_text() == "the only copy"

@@ -121,8 +121,12 @@ def clean_stale_temporaries(parent: Path) -> list[str]:
         name = owner.get("dst") if isinstance(owner.get("dst"), str) else m.group("name")
         old = tmp / OLD
         dst = Path(parent) / name
-        if (old.exists() or old.is_symlink()) and not (dst.exists() or dst.is_symlink()) \
-                and "/" not in name and name not in (".", ".."):
+        if old.exists() or old.is_symlink():
+            if (dst.exists() or dst.is_symlink()) or "/" in name or name in (".", ".."):
+                # something else carries the name now: never delete a previous output, say where it is
+                notes.append(f"{tmp}: an interrupted run (pid {pid}) left the previous output of '{name}' "
+                             f"here as '{OLD}'; nothing was deleted")
+                continue
             try:
                 os.rename(old, dst)
                 notes.append(f"{dst}: restored the previous output, which an interrupted run (pid {pid}) had moved aside")
