@@ -306,6 +306,7 @@ def test_builtin_siglip_config_openclip_hf_parity_and_round_trip(name, shallow_t
         hi = hf.get_image_features(pixel_values=pixels).pooler_output
         ht = hf.get_text_features(input_ids=ids).pooler_output
         hl = hf(input_ids=ids, pixel_values=pixels).logits_per_image
+    print(f"{name}: image {(oi - hi).abs().max():.1e}, text {(ot - ht).abs().max():.1e}, logits {(ol - hl).abs().max():.1e}")
     assert (oi - hi).abs().max() < 1e-5
     assert (ot - ht).abs().max() < 1e-5
     assert (ol - hl).abs().max() < 1e-4
