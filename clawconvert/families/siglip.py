@@ -319,10 +319,12 @@ def match_timm_arch(vision) -> tuple[TimmArch, list[str]]:
     if full:
         arch = full[0]
         if arch.act != vision.hidden_act:
+            ours = _ACTS.get(vision.hidden_act, vision.hidden_act)
+            others = [a.name for a in full if a.act == vision.hidden_act]
+            alt = (f"{', '.join(others)} computes {ours} but has another image size" if others else
+                   f"no timm SigLIP architecture of this shape computes {ours}")
             notes.append(f"the OpenCLIP image tower is timm's {arch.name}, which computes {_ACTS.get(arch.act, arch.act)} "
-                         f"where this model uses {_ACTS.get(vision.hidden_act, vision.hidden_act)}: image embeddings move "
-                         f"slightly (1e-4 to 4e-4 measured); no timm SigLIP architecture of this shape "
-                         f"uses {_ACTS.get(vision.hidden_act, vision.hidden_act)}")
+                         f"where this model uses {ours}: image embeddings move slightly (1e-4 to 4e-4 measured); {alt}")
         if arch.image != image:
             notes.append(f"image size {image} written as {arch.image}: {arch.name} has the same {grid}x{grid} patch grid")
         return arch, notes

@@ -188,7 +188,7 @@ class BigVisionWriter:
                     raise ClawError(f"cannot stack '{member}': its layers differ in shape or dtype")
                 (shape, dtype), = shapes
                 self._groups[member] = {"depth": len(by_layer), "shape": shape, "dtype": dtype, "left": len(by_layer),
-                                        "spill": None, "offset": 0}
+                                        "spill": None, "offset": 0, "index": len(self._groups)}
                 for i, n in by_layer.items():
                     self._slot[n] = (member, i)
         self._pending = set(self._planned)
@@ -208,7 +208,7 @@ class BigVisionWriter:
         member, layer = self._slot[name]
         g = self._groups[member]
         if g["spill"] is None:
-            g["spill"] = self.path.parent / f".spill-{len(self._groups)}-{abs(hash(member))}.npy"
+            g["spill"] = self.path.parent / f".{self.path.name}.spill-{g['index']}.npy"
             with open(g["spill"], "wb") as f:
                 header = {"descr": np.lib.format.dtype_to_descr(_numpy_dtype(dtype)), "fortran_order": False,
                           "shape": (g["depth"], *shape)}
