@@ -67,7 +67,10 @@ def plan_for(ckpt: Checkpoint, target: Format, dtype: torch.dtype | None,
     expected = family.canonical_shapes(config)
     keys = list(expected)
     src_table = load_table(family.name, ckpt.format)
-    dst_params = {**family.params(config), **target.table_params(family, config)}  # refuses unrepresentable configs
+    try:  # the target format refuses configs it cannot represent, before anything is read
+        dst_params = {**family.params(config), **target.table_params(family, config)}
+    except ClawError as e:
+        raise ClawError(f"{ckpt.path}: cannot be written as {target.name}: {e}", e.details) from e
     dst_table = load_table(family.name, target_table or target.name)
     src_exp = src_table.expand(ckpt.table_params(), keys)
     dst_exp = dst_table.expand(dst_params, keys)
@@ -236,3 +239,9 @@ def merge_lora(*args: Any, **kwargs: Any):
     """Fold a PEFT LoRA adapter into its base (and optionally assemble a LLaVA): see ``merge-lora --help``."""
     from .surgery.merge_lora import merge_lora as _merge_lora
     return _merge_lora(*args, **kwargs)
+
+
+def verify_manifest(directory: str | Path):
+    """Re-hash every file of an output against its ``clawconvert_manifest.json`` (``verify --manifest``)."""
+    from .integrity import check_manifest
+    return check_manifest(directory)
