@@ -277,22 +277,22 @@ def _seeded_openclip_dir(cfg: dict, out: Path, seed: int = 0) -> Path:
 
 
 @pytest.mark.parametrize("name", [n if n in EVERY_KIND else pytest.param(n, marks=SLOW) for n in SIGLIP_CONFIGS])
-def test_builtin_siglip_config_openclip_hf_parity_and_round_trip(name, shallow_timm, tmp_path):
+def test_builtin_siglip_config_openclip_hf_parity_and_round_trip(name, shallow_timm, scratch):
     cfg = json.loads(json.dumps(open_clip.get_model_config(name)))
     cfg["text_cfg"]["layers"] = 1
     if cfg["text_cfg"]["vocab_size"] > 100_000:   # 250k/256k embeddings only slow CI; not under test here
         cfg["text_cfg"]["vocab_size"] = 4096
-    src = _seeded_openclip_dir(cfg, tmp_path / "src")
-    clawconvert.convert(src, tmp_path / "hf", to="hf")
-    clawconvert.convert(tmp_path / "hf", tmp_path / "back", to="openclip")
-    _same_safetensors(src / "open_clip_model.safetensors", tmp_path / "back" / "open_clip_model.safetensors")
-    back = json.loads((tmp_path / "back" / "open_clip_config.json").read_text())["model_cfg"]
+    src = _seeded_openclip_dir(cfg, scratch / "src")
+    clawconvert.convert(src, scratch / "hf", to="hf")
+    clawconvert.convert(scratch / "hf", scratch / "back", to="openclip")
+    _same_safetensors(src / "open_clip_model.safetensors", scratch / "back" / "open_clip_model.safetensors")
+    back = json.loads((scratch / "back" / "open_clip_config.json").read_text())["model_cfg"]
     assert back["vision_cfg"]["timm_model_name"] == cfg["vision_cfg"]["timm_model_name"]
     assert back["text_cfg"].get("act_kwargs") == cfg["text_cfg"].get("act_kwargs")
     assert back["text_cfg"].get("proj_type", "linear") == cfg["text_cfg"].get("proj_type", "linear")
 
     from transformers import SiglipModel
-    hf, info = SiglipModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    hf, info = SiglipModel.from_pretrained(str(scratch / "hf"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     oc = open_clip.create_model(f"local-dir:{src}").eval()
     size = hf.config.vision_config.image_size
