@@ -6,9 +6,8 @@ tables in ``mappings/<family>/``, with no edits elsewhere.
 """
 from __future__ import annotations
 
-import importlib
+import sys
 import json
-import pkgutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ClawError
+from ..registry import discover, lookup
 from ..ops import Shape
 
 
@@ -130,20 +130,11 @@ def _meta_shapes(model_cls: type, config_json: str, config_cls: type) -> dict[st
 
 @lru_cache(maxsize=None)
 def all_families() -> dict[str, Family]:
-    found: dict[str, Family] = {}
-    for mod in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{mod.name}")
-        fam = getattr(module, "FAMILY", None)
-        if isinstance(fam, Family):
-            found[fam.name] = fam
-    return found
+    return discover(sys.modules[__name__], "FAMILY", Family)
 
 
 def get_family(name: str) -> Family:
-    fams = all_families()
-    if name not in fams:
-        raise ClawError(f"unknown model family '{name}' (known: {', '.join(sorted(fams))})")
-    return fams[name]
+    return lookup(all_families(), name, "model family")
 
 
 def family_for_hf_model_type(model_type: str) -> Family:

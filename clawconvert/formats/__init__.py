@@ -6,14 +6,14 @@ config *means* is the family's job (:mod:`clawconvert.families`).
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClawError
+from ..registry import discover, lookup
 from ..families import Extras, Family
 from ..io.readers import TensorStore
 
@@ -74,20 +74,11 @@ class Format:
 
 @lru_cache(maxsize=None)
 def all_formats() -> dict[str, Format]:
-    found: dict[str, Format] = {}
-    for mod in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{mod.name}")
-        fmt = getattr(module, "FORMAT", None)
-        if isinstance(fmt, Format):
-            found[fmt.name] = fmt
-    return found
+    return discover(sys.modules[__name__], "FORMAT", Format)
 
 
 def get_format(name: str) -> Format:
-    fmts = all_formats()
-    if name not in fmts:
-        raise ClawError(f"unknown format '{name}' (known: {', '.join(sorted(fmts))})")
-    return fmts[name]
+    return lookup(all_formats(), name, "format")
 
 
 def detect_format(path: Path) -> Format:
