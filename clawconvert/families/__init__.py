@@ -120,6 +120,19 @@ class Family:
         return f"<family {self.name}>"
 
 
+def custom_block_blockers(cfg_key: str, tower: str) -> list[tuple[str, str, Any, str]]:
+    """Blocker rows for open_clip's custom attention-block options, which no HF class has."""
+    return [
+        (cfg_key, "block_type", lambda v: v not in (None, "default"), f"custom attention blocks in the {tower} tower"),
+        (cfg_key, "qk_norm", bool, f"q/k normalisation in the {tower} tower"),
+        (cfg_key, "scaled_cosine_attn", bool, f"scaled cosine attention in the {tower} tower"),
+        (cfg_key, "scale_heads", bool, f"per-head attention scales in the {tower} tower"),
+        (cfg_key, "scale_attn_inner", bool, f"inner attention LayerNorm in the {tower} tower"),
+        (cfg_key, "scale_attn", bool, f"post-attention LayerNorm in the {tower} tower"),
+        (cfg_key, "scale_fc", bool, f"MLP LayerNorm in the {tower} tower"),
+    ]
+
+
 @lru_cache(maxsize=32)
 def _meta_shapes(model_cls: type, config_json: str, config_cls: type) -> dict[str, Shape]:
     config = config_cls.from_dict(json.loads(config_json))

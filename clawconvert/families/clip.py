@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClawError
-from . import Extras, Family, FormatCodec
+from . import Extras, Family, FormatCodec, custom_block_blockers
 
 CLIP_BPE_VOCAB = 49408
 CLIP_EOT = 49407
@@ -52,13 +52,7 @@ BLOCKERS: list[tuple[str, str, Any, str]] = [
     ("vision_cfg", "final_ln_after_pool", bool, "LayerNorm after pooling in the image tower"),
     ("vision_cfg", "pos_embed_type", lambda v: v not in (None, "learnable"), "non-learnable image position embeddings"),
     ("vision_cfg", "act_kwargs", bool, "custom activation arguments in the image tower"),
-    ("vision_cfg", "block_type", lambda v: v not in (None, "default"), "custom attention blocks in the image tower"),
-    ("vision_cfg", "qk_norm", bool, "q/k normalisation in the image tower"),
-    ("vision_cfg", "scaled_cosine_attn", bool, "scaled cosine attention in the image tower"),
-    ("vision_cfg", "scale_heads", bool, "per-head attention scales in the image tower"),
-    ("vision_cfg", "scale_attn_inner", bool, "inner attention LayerNorm in the image tower"),
-    ("vision_cfg", "scale_attn", bool, "post-attention LayerNorm in the image tower"),
-    ("vision_cfg", "scale_fc", bool, "MLP LayerNorm in the image tower"),
+    *custom_block_blockers("vision_cfg", "image"),
     ("vision_cfg", "input_patchnorm", bool, "patch normalisation before the image patch embedding"),
     ("text_cfg", "hf_model_name", bool, "a Hugging Face text encoder tower (hf-text)"),
     ("text_cfg", "ls_init_value", lambda v: v is not None, "LayerScale in the text tower"),
@@ -70,13 +64,7 @@ BLOCKERS: list[tuple[str, str, Any, str]] = [
     ("text_cfg", "proj_type", lambda v: v not in (None, "linear"), "a text projection other than linear"),
     ("text_cfg", "proj_bias", bool, "a bias on the text projection"),
     ("text_cfg", "act_kwargs", bool, "custom activation arguments in the text tower"),
-    ("text_cfg", "block_type", lambda v: v not in (None, "default"), "custom attention blocks in the text tower"),
-    ("text_cfg", "qk_norm", bool, "q/k normalisation in the text tower"),
-    ("text_cfg", "scaled_cosine_attn", bool, "scaled cosine attention in the text tower"),
-    ("text_cfg", "scale_heads", bool, "per-head attention scales in the text tower"),
-    ("text_cfg", "scale_attn_inner", bool, "inner attention LayerNorm in the text tower"),
-    ("text_cfg", "scale_attn", bool, "post-attention LayerNorm in the text tower"),
-    ("text_cfg", "scale_fc", bool, "MLP LayerNorm in the text tower"),
+    *custom_block_blockers("text_cfg", "text"),
     ("", "multimodal_cfg", bool, "a multimodal text decoder (CoCa)"),
     ("", "init_logit_bias", lambda v: v is not None, "a logit bias (SigLIP-style loss); CLIPModel has none"),
 ]

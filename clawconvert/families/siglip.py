@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClawError
-from . import Extras, Family, FormatCodec
+from . import Extras, Family, FormatCodec, custom_block_blockers
 from .clip import _mlp_ratio, copy_tokenizer
 
 SIGLIP_EPS = 1e-6
@@ -356,13 +356,7 @@ BLOCKERS: list[tuple[str, str, Any, str]] = [
     ("text_cfg", "final_ln_after_pool", bool, "LayerNorm after pooling in the text tower"),
     ("text_cfg", "ls_init_value", lambda v: v is not None, "LayerScale in the text tower"),
     ("text_cfg", "use_pad_mask", bool, "a padding mask in the text tower"),
-    ("text_cfg", "block_type", lambda v: v not in (None, "default"), "custom attention blocks in the text tower"),
-    ("text_cfg", "qk_norm", bool, "q/k normalisation in the text tower"),
-    ("text_cfg", "scaled_cosine_attn", bool, "scaled cosine attention in the text tower"),
-    ("text_cfg", "scale_heads", bool, "per-head attention scales in the text tower"),
-    ("text_cfg", "scale_attn_inner", bool, "inner attention LayerNorm in the text tower"),
-    ("text_cfg", "scale_attn", bool, "post-attention LayerNorm in the text tower"),
-    ("text_cfg", "scale_fc", bool, "MLP LayerNorm in the text tower"),
+    *custom_block_blockers("text_cfg", "text"),
     ("", "quick_gelu", bool, "QuickGELU"),
     ("", "multimodal_cfg", bool, "a multimodal text decoder (CoCa)"),
 ]
