@@ -165,6 +165,8 @@ def run_measured(argv: list[str], log: Path, *, cwd: Path, env: dict, timeout: f
         status = "ok"
     elif exit_code == -signal.SIGKILL:
         status = "failed (OOM: killed by the kernel)"
+    elif re.search(r"No space left on device|Errno 28|ENOSPC", text):
+        status = "failed (disk full: no space left on device)"
     elif OOM_PATTERNS.search(text):
         limit = f"address-space limit {mem_limit / 2**30:.0f} GiB" if mem_limit else "allocation failed"
         status = f"failed (OOM: {limit})"

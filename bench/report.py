@@ -129,6 +129,13 @@ def evaluate_targets(data: dict) -> list[dict]:
     return out
 
 
+def _short(run: dict) -> str:
+    text = run.get("status", "") + " " + run.get("log_tail", "")
+    if "No space left on device" in text or "disk full" in text:
+        return "disk full (the shared disk filled up)"
+    return run.get("status", "")[:60]
+
+
 def _row_ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.1f}x"
 
@@ -177,7 +184,12 @@ def table(data: dict) -> str:
                 vs = ""
                 if t["role"] == "peer" and _ok(claw):
                     vs = f"{_row_ratio(w, claw['median_wall_s'])} slower, {_row_ratio(r, claw['median_peak_rss_bytes'])} more RSS"
-                lines.append(f"| {head} | {name} | {secs(w)} | {gib(r)} | {frac} | {vs_cp} | {vs} |")
+                partial = ""
+                if t.get("status", "ok") != "ok":
+                    bad = [x for x in t["runs"] if x["status"] != "ok"]
+                    why = "; ".join(sorted({_short(x) for x in bad}))
+                    partial = f" ({t['status'].removeprefix('ok (')[:-1]}; {len(bad)} failed: {why})"
+                lines.append(f"| {head} | {name}{partial} | {secs(w)} | {gib(r)} | {frac} | {vs_cp} | {vs} |")
         if scen.get("skipped"):
             for name, why in scen["skipped"].items():
                 lines.append(f"\n{name}: {why}.")
@@ -237,6 +249,11 @@ def plots(data: dict, out_dir: Path) -> list[str]:
                     if role == "clawconvert":
                         ax.annotate(s["size"], (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
             xs_all = [s["checkpoint_bytes"] / 1e9 for s in scen["sizes"]]
+            floor = data.get("clawconvert_floor")
+            if floor and _ok(floor):
+                v = floor[key] / 2**30 if "rss" in key else floor[key]
+                ax.axhline(v, color="tab:blue", lw=0.8, ls="-.",
+                           label=f"clawconvert on a {gb(floor['checkpoint_bytes'])} checkpoint (start-up, imports)")
             if "rss" in key:
                 ax.plot(xs_all, [x * 1e9 * T_RSS_FRACTION / 2**30 for x in xs_all], "--", color="tab:green",
                         lw=1, label="target: 15% of the checkpoint")

@@ -195,6 +195,7 @@ class Bench:
         log(f"\nScenario {s.number}: {s.title}")
         entry = {"key": s.key, "number": s.number, "title": s.title, "source": s.source,
                  "large_sizes": list(s.large), "sizes": [], "tools": [], "skipped": {}}
+        self.data["scenarios"].append(entry)     # saved as it fills, so a crash keeps what ran
         tools = []
         for t in s.tools:
             if self.args.no_peers and t.role == "peer":
@@ -294,7 +295,7 @@ class Bench:
         self.save()
         self.data["clawconvert_floor"] = self.run_floor()
         for key in self.keys:
-            self.data["scenarios"].append(self.run_scenario(BY_KEY[key]))
+            self.run_scenario(BY_KEY[key])
             self.save()
         self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.data["machine"]["load_after"] = list(os.getloadavg())
