@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..hub import add_push_option
 from .common import add_output_options, add_source_options
 
 ORDER = 10
@@ -51,16 +52,8 @@ def register(sub) -> None:
                         "(fails, writing nothing, above the tolerance)")
     g.add_argument("--tolerance", type=float, default=None,
                    help="max abs difference allowed by --verify (default 1e-4 in fp32)")
-    _add_push(p)
-    p.set_defaults(func=run)
-
-
-def _add_push(p) -> None:
-    try:
-        from ..hub import add_push_option
-    except ImportError:  # hub support not installed in this build
-        return
     add_push_option(p)
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:

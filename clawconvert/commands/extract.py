@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..hub import add_push_option
 from .common import add_output_options, add_source_options
 
 ORDER = 30
@@ -92,16 +93,8 @@ def register(sub) -> None:
         if "timm" in spec["targets"]:
             g.add_argument("--tolerance", type=float, default=None,
                            help="--verify --to timm: max abs difference from transformers (default 1e-4)")
-        _add_push(p)
+        add_push_option(p)
         p.set_defaults(func=run, tower=tower)
-
-
-def _add_push(p) -> None:
-    try:
-        from ..hub import add_push_option
-    except ImportError:  # hub support not installed in this build
-        return
-    add_push_option(p)
 
 
 def run(args) -> int:
