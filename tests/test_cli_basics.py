@@ -97,3 +97,13 @@ def test_wheel_ships_the_mapping_tables(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for table in (ROOT / "mappings").glob("*/*.yaml"):
         assert f"clawconvert/mappings/{table.parent.name}/{table.name}" in names
+
+
+def test_missing_parent_directories_are_created_and_removed_again_on_failure(tmp_path, cli):
+    r = cli("convert", FIX, tmp_path / "out" / "deep" / "hf", "--to", "hf")
+    assert r.code == 0, r.err
+    assert (tmp_path / "out" / "deep" / "hf" / "model.safetensors").is_file()
+    # a failure while writing (here: --verify against a broken tolerance) leaves no new parents behind
+    r = cli("convert", FIX, tmp_path / "new" / "deeper" / "hf", "--to", "hf", "--verify", "--tolerance", "-1")
+    assert r.code == 1
+    assert not (tmp_path / "new").exists()

@@ -261,10 +261,43 @@ def _temporary_beside(dst: Path, payload: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _missing_parents(dst: Path) -> Iterator[None]:
+    """Create ``dst``'s missing parent directories (like ``mkdir -p``); remove them again,
+    when still empty, if the command fails, so a failed run leaves nothing behind."""
+    created: list[Path] = []
+    p = dst.parent
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    if created and not p.is_dir():
+        raise ClawError(f"{p}: not a directory")
+    try:
+        for d in reversed(created):
+            d.mkdir()
+    except OSError as e:
+        raise ClawError(f"{dst.parent}: cannot create it: {e.strerror or e}") from e
+    try:
+        yield
+    except BaseException:
+        for d in created:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextlib.contextmanager
 def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False,
                       sources: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes ``dst``."""
     dst = Path(dst).absolute()
+    with _missing_parents(dst), _atomic_dir(dst, overwrite, sources) as out:
+        yield out
+
+
+@contextlib.contextmanager
+def _atomic_dir(dst: Path, overwrite: bool, sources: tuple[Path, ...]) -> Iterator[Path]:
     _clean_beside(dst)
     check_destination(dst, overwrite, sources)
     with _temporary_beside(dst, "out") as tmp:
@@ -279,6 +312,12 @@ def atomic_output_file(dst: str | os.PathLike, overwrite: bool = False,
                        sources: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary file path beside ``dst``; on success it is renamed to ``dst``."""
     dst = Path(dst).absolute()
+    with _missing_parents(dst), _atomic_file(dst, overwrite, sources) as target:
+        yield target
+
+
+@contextlib.contextmanager
+def _atomic_file(dst: Path, overwrite: bool, sources: tuple[Path, ...]) -> Iterator[Path]:
     _clean_beside(dst)
     check_destination(dst, overwrite, sources)
     with _temporary_beside(dst, f"file/{dst.name}") as tmp:
