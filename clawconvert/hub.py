@@ -34,7 +34,7 @@ from typing import Any
 from . import __version__
 from .errors import ClawError
 from .modelcard import build_card
-from .provenance import MANIFEST, read_manifest
+from .provenance import MANIFEST, read_manifest, sha256_file
 
 HUB_PREFIX = "hf-hub:"
 CARD = "README.md"
@@ -339,14 +339,6 @@ def _skipped(rel: Path) -> bool:
             or rel.as_posix().startswith(".cache/huggingface"))
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
     try:
         manifest = read_manifest(out_dir)
@@ -389,7 +381,7 @@ def plan_push(out_dir: str | os.PathLike, repo_id: str, *, revision: str | None 
         if not path.is_file() or _skipped(rel):
             continue
         name = rel.as_posix()
-        digest = _sha256(path)
+        digest = sha256_file(path)
         note = ""
         if name == MANIFEST:
             note = "provenance manifest"

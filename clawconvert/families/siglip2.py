@@ -22,8 +22,8 @@ from typing import Any
 
 from ..errors import ClawError
 from . import Extras, Family, FormatCodec
-from .siglip import (GELU_TANH, SIGLIP_EPS, _check_joint, _check_towers, _encoder, _mark, _shape, read_text_tower,
-                     siglip_preprocess, strip_flags, token_ids, write_tokenizer)
+from .siglip import (GELU_TANH, SIGLIP_EPS, SiglipFamily, _check_joint, _check_towers, _encoder, _mark, _shape,
+                     read_text_tower, siglip_preprocess, token_ids, write_tokenizer)
 
 
 def read_big_vision(store):
@@ -122,14 +122,9 @@ class Siglip2Family(Family):
                  "spatial_shapes": torch.tensor(grids, dtype=torch.long)}
         return image, _ids(config, len(grids), seed)
 
-    def write_hf_extras(self, out_dir: Path, config, extras: Extras) -> list[str]:
-        strip_flags(out_dir)
-        return (self.write_hf_tower_extras(out_dir, config, extras, "visual")
-                + self.write_hf_tower_extras(out_dir, config, extras, "text"))
-
-    def tower_config(self, config, tower: str):
-        from .siglip import tower_config
-        return tower_config(config, tower)
+    # both towers' side files, and tower configs, exactly as SigLIP 1 does them
+    write_hf_extras = SiglipFamily.write_hf_extras
+    tower_config = SiglipFamily.tower_config
 
     def tower_model_class(self, tower: str, with_projection: bool) -> type:
         import transformers

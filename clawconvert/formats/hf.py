@@ -6,7 +6,6 @@ preprocessor/tokenizer files.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -392,18 +392,23 @@ def _check_link_target(root: Path, p: Path, origin: Path, shown: str) -> None:
     raise ClawError(f"{origin}: shard '{shown}' is a link that escapes its directory (to {target})")
 
 
-def open_sharded_index(index_path: Path) -> SafetensorsStore:
-    """``model.safetensors.index.json``: open only the shards it names, nothing outside its directory."""
-    index_path = Path(index_path)
-    weight_map = read_weight_map(index_path)
-    files = _index_shards(index_path, weight_map)
-    store = SafetensorsStore(index_path, files)
+def _check_index_placement(index_path: Path, weight_map: dict, store: TensorStore) -> None:
+    """Every tensor an index lists is in the shard it names."""
     for name, shard in weight_map.items():
         info = store._infos.get(name)
         if info is None:
             raise ClawError(f"{index_path}: index lists '{name}' in {shard} but that shard does not hold it")
         if info.file.name != Path(shard).name:
             raise ClawError(f"{index_path}: index puts '{name}' in {shard} but it is stored in {info.file.name}")
+
+
+def open_sharded_index(index_path: Path) -> SafetensorsStore:
+    """``model.safetensors.index.json``: open only the shards it names, nothing outside its directory."""
+    index_path = Path(index_path)
+    weight_map = read_weight_map(index_path)
+    files = _index_shards(index_path, weight_map)
+    store = SafetensorsStore(index_path, files)
+    _check_index_placement(index_path, weight_map, store)
     unlisted = [n for n in store.keys() if n not in weight_map]
     if unlisted:
         raise ClawError(f"{index_path}: shard {store.info(unlisted[0]).file.name} holds '{unlisted[0]}', which the "
@@ -711,10 +716,5 @@ def _open_pickle_index(index_path: Path, unsafe_pickle: bool) -> TensorStore:
     weight_map = read_weight_map(index_path)
     stores = [TorchPickleStore(p, unsafe_pickle=unsafe_pickle) for p in _index_shards(index_path, weight_map)]
     store = _MultiStore(index_path, stores)
-    for name, shard in weight_map.items():
-        info = store._infos.get(name)
-        if info is None:
-            raise ClawError(f"{index_path}: index lists '{name}' in {shard} but that shard does not hold it")
-        if info.file.name != Path(shard).name:
-            raise ClawError(f"{index_path}: index puts '{name}' in {shard} but it is stored in {info.file.name}")
+    _check_index_placement(index_path, weight_map, store)
     return store
