@@ -10,17 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import torch
-
 from .engine import Plan, plan_conversion
 from .errors import ClawError, VerificationFailed
 from .formats import Checkpoint, Format, SourceOptions, all_formats, get_format, open_checkpoint
 from .io.atomic import atomic_output_dir, atomic_output_file
-from .io.dtypes import CLI_DTYPES
+from .io.dtypes import CLI_DTYPES, DType, dtype_of
 from .io.writers import parse_size
 from .provenance import source_fingerprint, write_manifest
 from .tables import load_table
-from .verify import default_tolerance
 
 
 @dataclass
@@ -36,12 +33,18 @@ class ConvertResult:
     verification: dict[str, Any] | None = None
 
 
-def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in CLI_DTYPES:
-        raise ClawError(f"unknown dtype '{name}' (choose from {', '.join(CLI_DTYPES)})")
-    return CLI_DTYPES[name]
+def _dtype(name: Any) -> DType | None:
+    """``--dtype`` (keep, fp32, fp16, bf16), a :class:`DType` or a torch dtype -> DType / None."""
+    if name is None:
+        return None
+    if isinstance(name, str):
+        if name not in CLI_DTYPES:
+            raise ClawError(f"unknown dtype '{name}' (choose from {', '.join(CLI_DTYPES)})")
+        return CLI_DTYPES[name]
+    try:
+        return dtype_of(name)
+    except TypeError as e:
+        raise ClawError(f"unknown dtype {name!r} (choose from {', '.join(CLI_DTYPES)})") from e
 
 
 def _progress(enabled: bool, total_bytes: int, desc: str) -> Callable[[Iterable], Iterable] | None:
@@ -60,7 +63,7 @@ def resolve(src: str | Path) -> tuple[Path, dict[str, Any]]:
     return Path(text), {}
 
 
-def plan_for(ckpt: Checkpoint, target: Format, dtype: torch.dtype | None,
+def plan_for(ckpt: Checkpoint, target: Format, dtype: DType | None,
              ignore_canonical: Iterable[str] = (), target_table: str | None = None) -> tuple[Plan, list]:
     """Expand both tables for this checkpoint and plan the conversion (headers only)."""
     family, config = ckpt.family, ckpt.config
@@ -80,7 +83,7 @@ def plan_for(ckpt: Checkpoint, target: Format, dtype: torch.dtype | None,
 
 def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None = None,
             model_name: str | None = None, model_config: str | Path | None = None,
-            dtype: str | torch.dtype | None = "keep", max_shard_size: str | int = "5GB",
+            dtype: str | DType | None = "keep", max_shard_size: str | int = "5GB",
             verify: bool = False, tolerance: float | None = None, overwrite: bool = False,
             unsafe_pickle: bool = False, progress: bool = False,
             write_options: dict[str, Any] | None = None) -> ConvertResult:
@@ -120,6 +123,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
         notes += ckpt.family.target_notes(ckpt, to)
         figures = None
         if verify:
+            from .verify import default_tolerance
             if tolerance is None and ckpt.family.expected_drift(ckpt, to):
                 tolerance = max(default_tolerance(out_dtype), ckpt.family.expected_drift(ckpt, to))
                 notes.append(f"--verify tolerance {tolerance:g}: the {to} model computes slightly differently "
@@ -145,7 +149,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
 
 
 def _verify_pair(ckpt: Checkpoint, out_dir: Path, fmt: str, tolerance: float | None,
-                 dtype: torch.dtype | None) -> dict[str, Any]:
+                 dtype: DType | None) -> dict[str, Any]:
     from .verify import compare, default_tolerance
     out = get_format(fmt).open(out_dir, SourceOptions(format=fmt))
     return compare(ckpt, out, tolerance=tolerance if tolerance is not None else default_tolerance(dtype))
@@ -204,7 +208,7 @@ def push(*args: Any, **kwargs: Any):
 
 def extract_visual(src: str | Path, dst: str | Path, *, to: str = "hf", with_projection: bool = False,
                    src_format: str | None = None, model_name: str | None = None,
-                   model_config: str | Path | None = None, dtype: str | torch.dtype | None = "keep",
+                   model_config: str | Path | None = None, dtype: str | DType | None = "keep",
                    max_shard_size: str | int = "5GB", verify: bool = False, tolerance: float | None = None,
                    overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = False):
     """Cut the image tower out of ``src`` (``to``: hf, timm, openclip), reading only its tensors.
@@ -221,7 +225,7 @@ def extract_visual(src: str | Path, dst: str | Path, *, to: str = "hf", with_pro
 
 def extract_text(src: str | Path, dst: str | Path, *, to: str = "hf", with_projection: bool = False,
                  src_format: str | None = None, model_name: str | None = None,
-                 model_config: str | Path | None = None, dtype: str | torch.dtype | None = "keep",
+                 model_config: str | Path | None = None, dtype: str | DType | None = "keep",
                  max_shard_size: str | int = "5GB", verify: bool = False, overwrite: bool = False,
                  unsafe_pickle: bool = False, progress: bool = False):
     """Cut the text tower out of ``src`` (``to``: hf, openclip), reading only its tensors.

@@ -17,24 +17,24 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
-import torch
+import numpy as np
 
 from .errors import ClawError
-from .io.dtypes import output_dtype
-from .io.readers import TensorStore
+from .io.dtypes import DType, cast, contiguous, float32, output_dtype
+from .io.readers import TensorStore, finite_checks_active
 from .ops import Shape
 from .tables import ExpandedTable, Rule
 
 
 class TensorSink(Protocol):
-    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write(self, name: str, tensor: np.ndarray) -> None: ...
 
 
 @dataclass
 class TargetTensor:
     name: str
     shape: Shape
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass
@@ -43,28 +43,36 @@ class Plan:
     src_rules: list[Rule]                 # source rules whose tensors are read
     dst_rules: list[Rule]                 # target rules that are produced
     canonical_shapes: dict[str, Shape]
-    canonical_dtypes: dict[str, torch.dtype]
+    canonical_dtypes: dict[str, DType]
     targets: list[TargetTensor]
-    dtype: torch.dtype | None = None
+    dtype: DType | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
-    def writer_plan(self) -> list[tuple[str, Shape, torch.dtype]]:
+    def writer_plan(self) -> list[tuple[str, Shape, DType]]:
         return [(t.name, t.shape, t.dtype) for t in self.targets]
 
     @property
     def total_bytes(self) -> int:
-        return sum(torch.empty((), dtype=t.dtype).element_size() * _numel(t.shape) for t in self.targets)
+        return sum(t.dtype.itemsize * _numel(t.shape) for t in self.targets)
 
     def execute(self, sink: TensorSink, progress: Callable[[Iterable], Iterable] | None = None) -> int:
         """Stream every target tensor into ``sink``; returns the number written."""
         producer = {c: r for r in self.src_rules for c in r.canonical}
         uses = Counter(c for r in self.dst_rules for c in r.canonical)
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[str, np.ndarray] = {}
         out_dtypes = {t.name: t.dtype for t in self.targets}
         written = 0
         rules = self.dst_rules if progress is None else progress(self.dst_rules)
         for rule in rules:
+            copy = self._byte_copy(rule, producer, out_dtypes, sink)
+            if copy is not None:
+                sink.copy_range(rule.format[0], *copy)  # type: ignore[attr-defined]
+                written += 1
+                uses[rule.canonical[0]] -= 1
+                if uses[rule.canonical[0]] == 0:
+                    cache.pop(rule.canonical[0], None)
+                continue
             for c in rule.canonical:
                 if c not in cache:
                     src = producer[c]
@@ -82,7 +90,7 @@ class Plan:
             except ClawError as e:
                 raise ClawError(f"{rule.origin}: {e}") from e
             for name, t in zip(rule.format, outs):
-                sink.write(name, t.to(out_dtypes[name]).contiguous())
+                sink.write(name, contiguous(cast(t, out_dtypes[name])))
                 written += 1
             del outs
             for c in rule.canonical:
@@ -90,6 +98,22 @@ class Plan:
                 if uses[c] == 0:
                     cache.pop(c, None)
         return written
+
+
+    def _byte_copy(self, rule: Rule, producer: dict[str, Rule], out_dtypes: dict[str, DType],
+                   sink: TensorSink) -> tuple | None:
+        """(file, offset, nbytes) when a target is a source tensor's bytes unchanged (a rename in
+        both tables, same dtype): the sink then copies it in chunks instead of materialising it."""
+        if (rule.chain.ops or len(rule.canonical) != 1 or not hasattr(sink, "copy_range")
+                or not hasattr(self.source, "byte_range") or finite_checks_active()):
+            return None
+        src = producer[rule.canonical[0]]
+        if src.chain.ops or len(src.format) != 1:
+            return None
+        key = src.format[0]
+        if self.source.info(key).dtype != out_dtypes[rule.format[0]]:
+            return None
+        return self.source.byte_range(key)
 
 
 class Problems:
@@ -117,8 +141,8 @@ class Problems:
         raise ClawError(f"{what}: {summary}", details=self.messages if len(self.items) > 1 else [])
 
 
-def _float_dtype(source: TensorStore) -> torch.dtype:
-    return next((i.dtype for i in source.infos().values() if i.dtype.is_floating_point), torch.float32)
+def _float_dtype(source: TensorStore) -> DType:
+    return next((i.dtype for i in source.infos().values() if i.dtype.is_floating_point), float32)
 
 
 def _numel(shape: Shape) -> int:
@@ -129,7 +153,7 @@ def _numel(shape: Shape) -> int:
 
 
 def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
-                    expected: dict[str, Shape], dtype: torch.dtype | None = None,
+                    expected: dict[str, Shape], dtype: DType | None = None,
                     ignore_canonical: Iterable[str] = ()) -> Plan:
     """Check coverage and shapes from headers only; raise one ClawError listing every problem.
 
@@ -160,7 +184,7 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
 
     # 3. canonical shapes from headers, checked against the framework's expectation
     canonical_shapes: dict[str, Shape] = {}
-    canonical_dtypes: dict[str, torch.dtype] = {}
+    canonical_dtypes: dict[str, DType] = {}
     for rule in src_rules:
         shapes = [source.info(k).shape for k in rule.format]
         try:

@@ -28,11 +28,12 @@ right on load and right to left on save.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
+import numpy as np
 
 from .errors import ClawError
 
@@ -83,20 +84,60 @@ class Op:
     arity_in = 1   # tensors on the format side
     arity_out = 1  # tensors on the canonical side
 
-    def load(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def load(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def save(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    def save(self, ys: list[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    # shapes are computed by running the op on zero-byte stand-ins (stride-0 views of one
+    # byte): every op here only views, splits or joins, so the same code checks and plans
     def load_shapes(self, shapes: list[Shape]) -> list[Shape]:
-        return [tuple(t.shape) for t in self.load([torch.empty(s, device="meta") for s in shapes])]
+        return [tuple(t.shape) for t in self.load([_standin(s) for s in shapes])]
 
     def save_shapes(self, shapes: list[Shape]) -> list[Shape]:
-        return [tuple(t.shape) for t in self.save([torch.empty(s, device="meta") for s in shapes])]
+        return [tuple(t.shape) for t in self.save([_standin(s) for s in shapes])]
 
     def __repr__(self) -> str:
         return self.name
+
+
+class _Standin:
+    """A shape without data, for planning: supports what the ops call on an array."""
+
+    def __init__(self, shape: Shape):
+        self.shape = tuple(int(d) for d in shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def transpose(self, perm):
+        return _Standin(tuple(self.shape[p] for p in perm))
+
+    def reshape(self, shape):
+        shape = tuple(shape)
+        if math.prod(shape) != math.prod(self.shape):
+            raise ClawError(f"cannot reshape {self.shape} into {shape}")
+        return _Standin(shape)
+
+
+def _standin(shape: Shape) -> _Standin:
+    return _Standin(shape)
+
+
+def _split_along(t, sizes: list[int], dim: int) -> list:
+    if isinstance(t, _Standin):
+        return [_Standin(t.shape[:dim] + (s,) + t.shape[dim + 1:]) for s in sizes]
+    return np.split(t, np.cumsum(sizes)[:-1].tolist(), axis=dim)
+
+
+def _join_along(ts: list, dim: int):
+    first = ts[0].shape
+    for t in ts[1:]:
+        if len(t.shape) != len(first) or any(a != b for i, (a, b) in enumerate(zip(t.shape, first)) if i != dim):
+            raise ClawError(f"concat: shapes {[tuple(x.shape) for x in ts]} differ outside axis {dim}")
+    if isinstance(ts[0], _Standin):
+        return _Standin(first[:dim] + (sum(t.shape[dim] for t in ts),) + first[dim + 1:])
+    return np.concatenate(ts, axis=dim)
 
 
 class Permute(Op):
@@ -108,17 +149,17 @@ class Permute(Op):
             raise ClawError(f"permute: {list(perm)} is not a permutation")
         self.inverse = tuple(sorted(range(len(self.perm)), key=lambda i: self.perm[i]))
 
-    def _check(self, t: torch.Tensor) -> None:
-        if t.dim() != len(self.perm):
+    def _check(self, t) -> None:
+        if t.ndim != len(self.perm):
             raise ClawError(f"permute {list(self.perm)} needs a {len(self.perm)}-d tensor, got shape {tuple(t.shape)}")
 
     def load(self, xs):
         self._check(xs[0])
-        return [xs[0].permute(self.perm)]
+        return [xs[0].transpose(self.perm)]
 
     def save(self, ys):
         self._check(ys[0])
-        return [ys[0].permute(self.inverse)]
+        return [ys[0].transpose(self.inverse)]
 
 
 class Transpose(Permute):
@@ -138,7 +179,7 @@ class Reshape(Op):
         self.canonical_shape = _shape(spec["canonical"], dims)
 
     @staticmethod
-    def _to(t: torch.Tensor, shape: Shape, other: Shape) -> torch.Tensor:
+    def _to(t, shape: Shape, other: Shape):
         if tuple(t.shape) != other:
             raise ClawError(f"reshape: expected shape {other}, got {tuple(t.shape)}")
         return t.reshape(shape)
@@ -157,12 +198,16 @@ class Squeeze(Op):
         self.dim = int(dim)
 
     def load(self, xs):
-        if xs[0].dim() <= self.dim or xs[0].shape[self.dim] != 1:
-            raise ClawError(f"squeeze: axis {self.dim} of shape {tuple(xs[0].shape)} is not of size 1")
-        return [xs[0].squeeze(self.dim)]
+        t = xs[0]
+        if t.ndim <= self.dim or t.shape[self.dim] != 1:
+            raise ClawError(f"squeeze: axis {self.dim} of shape {tuple(t.shape)} is not of size 1")
+        return [t.reshape(t.shape[:self.dim] + t.shape[self.dim + 1:])]
 
     def save(self, ys):
-        return [ys[0].unsqueeze(self.dim)]
+        t = ys[0]
+        if not 0 <= self.dim <= t.ndim:
+            raise ClawError(f"unsqueeze: axis {self.dim} does not exist for shape {tuple(t.shape)}")
+        return [t.reshape(t.shape[:self.dim] + (1,) + t.shape[self.dim:])]
 
 
 class Unsqueeze(Squeeze):
@@ -189,8 +234,8 @@ class Split(Op):
         if self.sizes is not None and len(self.sizes) != parts:
             raise ClawError(f"split: {len(self.sizes)} sizes for {parts} tensors")
 
-    def _split(self, t: torch.Tensor) -> list[torch.Tensor]:
-        total = t.shape[self.dim] if t.dim() > self.dim else None
+    def _split(self, t) -> list:
+        total = t.shape[self.dim] if t.ndim > self.dim else None
         sizes = self.sizes
         if sizes is None:
             if total is None or total % self.parts:
@@ -198,14 +243,14 @@ class Split(Op):
             sizes = [total // self.parts] * self.parts
         if total != sum(sizes):
             raise ClawError(f"split: axis {self.dim} of shape {tuple(t.shape)} is not {' + '.join(map(str, sizes))}")
-        return list(torch.split(t, sizes, dim=self.dim))
+        return _split_along(t, sizes, self.dim)
 
-    def _concat(self, ts: list[torch.Tensor]) -> torch.Tensor:
+    def _concat(self, ts: list):
         if self.sizes is not None:
             got = [t.shape[self.dim] for t in ts]
             if got != self.sizes:
                 raise ClawError(f"concat: parts have sizes {got} along axis {self.dim}, expected {self.sizes}")
-        return torch.cat(ts, dim=self.dim)
+        return _join_along(ts, self.dim)
 
     @property
     def arity_out(self):  # type: ignore[override]
@@ -267,15 +312,15 @@ class Constant(Op):
         return len(self.consts)
 
     @staticmethod
-    def _make(kind: str, shape: Shape) -> torch.Tensor:
-        return torch.eye(shape[0]) if kind == "eye" else torch.zeros(shape)
+    def _make(kind: str, shape: Shape) -> np.ndarray:
+        return np.eye(shape[0], dtype=np.float32) if kind == "eye" else np.zeros(shape, dtype=np.float32)
 
     def load(self, xs):
         return [self._make(kind, shape) for kind, shape in self.consts]
 
     def save(self, ys):
         for y, (kind, shape) in zip(ys, self.consts):
-            if tuple(y.shape) != shape or not torch.equal(y.float(), self._make(kind, shape)):
+            if tuple(y.shape) != shape or not np.array_equal(np.asarray(y, dtype=np.float32), self._make(kind, shape)):
                 what = "an identity matrix" if kind == "eye" else "all zeros"
                 raise ClawError(f"constant: a {tuple(y.shape)} tensor that is not {what} "
                                 f"has no place in this format")
@@ -297,12 +342,12 @@ class Chain:
 
     ops: list[Op]
 
-    def load(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def load(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         for op in self.ops:
             xs = op.load(xs)
         return xs
 
-    def save(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    def save(self, ys: list[np.ndarray]) -> list[np.ndarray]:
         for op in reversed(self.ops):
             ys = op.save(ys)
         return ys

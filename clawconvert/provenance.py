@@ -32,7 +32,24 @@ def _command_line() -> str:
     return "python API (" + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:200] + ")"
 
 
+# sha256 computed while a file was written (the safetensors writer hashes as it goes), keyed
+# by the file's identity so that a file changed since is hashed again
+_KNOWN_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int, int]:
+    st = os.stat(path)
+    return (str(Path(path).absolute()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def remember_hash(path: Path, digest: str) -> None:
+    _KNOWN_HASHES[_identity(path)] = digest
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    known = _KNOWN_HASHES.get(_identity(path))
+    if known is not None:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .io.dtypes import as_torch
+
 EPS = 1e-6
 
 
@@ -114,6 +116,6 @@ class BigVisionSiglip:
 def big_vision_runner(ckpt):
     """A :class:`~clawconvert.verify.Runner` for a big_vision checkpoint (reference forward)."""
     from .verify import Runner
-    model = BigVisionSiglip({k: ckpt.store.read(k) for k in ckpt.store.keys()})
+    model = BigVisionSiglip({k: as_torch(ckpt.store.read(k)) for k in ckpt.store.keys()})
     return Runner("big_vision reference forward (torch; jax not used)", image=model.encode_image,
                   text=model.encode_text, logits=model.logits)

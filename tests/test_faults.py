@@ -572,27 +572,15 @@ def test_disk_full_mid_write(when, tmp_path, cli, monkeypatch):
     enospc = OSError(errno.ENOSPC, "No space left on device")
     if when in ("first-tensor", "later-tensor"):
         budget = 0 if when == "first-tensor" else 1_000_000
-        real_init = writers.SafetensorsWriter.__init__
+        real_pwrite_all = writers._pwrite_all
 
-        class FullDisk:
-            """A file whose disk fills up after ``budget`` more bytes."""
-
-            def __init__(self, f):
-                self.f = f
-
-            def write(self, data):
-                count["n"] += len(data)
-                if count["n"] > budget:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                return self.f.write(data)
-
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-
-        def init(self, *a, **k):
-            real_init(self, *a, **k)
-            self._handles = [FullDisk(f) for f in self._handles]
-        monkeypatch.setattr(writers.SafetensorsWriter, "__init__", init)
+        def pwrite_all(fd, data, offset, path):
+            """The disk fills up after ``budget`` more bytes of tensor data."""
+            count["n"] += memoryview(data).nbytes
+            if count["n"] > budget:
+                raise writers._with_file(OSError(errno.ENOSPC, "No space left on device"), path)
+            return real_pwrite_all(fd, data, offset, path)
+        monkeypatch.setattr(writers, "_pwrite_all", pwrite_all)
     elif when == "close":
         monkeypatch.setattr(writers.os, "fsync", lambda fd: (_ for _ in ()).throw(enospc))
     else:

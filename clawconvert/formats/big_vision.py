@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import ClawError
 from ..families import Extras, Family, all_families
+from ..io import dtypes
+from ..io.dtypes import DType, as_numpy, cast, contiguous, dtype_of
 from ..io.readers import NpzStore, TensorInfo, TensorStore, read_npy_header
 from . import Checkpoint, Format, SourceOptions
 
@@ -89,14 +90,14 @@ class BigVisionStore(TensorStore):
     def layout(self) -> str:
         return "stacked" if self.stacked else "per-layer"
 
-    def _read(self, name: str, info: TensorInfo) -> torch.Tensor:
+    def _read(self, name: str, info: TensorInfo) -> np.ndarray:
         member, layer = self._where[name]
         if layer is None:
             return self.npz.read(member)
-        arr = self._read_layer(member, layer, info)
-        if info.dtype == torch.bfloat16:
-            return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16)).view(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        arr = contiguous(self._read_layer(member, layer, info))
+        if arr.dtype != info.dtype.np:  # 2-byte void (JAX bfloat16) or big-endian
+            arr = arr.view(info.dtype.np) if arr.dtype.kind == "V" else arr.astype(info.dtype.np)
+        return arr
 
     def _read_layer(self, member: str, layer: int, info: TensorInfo) -> np.ndarray:
         """One layer of a stacked member: a direct read at its offset when the member is stored
@@ -106,9 +107,8 @@ class BigVisionStore(TensorStore):
             if member not in self._row_offsets:
                 self._row_offsets[member] = (self._data_offset(zinfo), math.prod(shape[1:]) * dtype.itemsize)
             start, size = self._row_offsets[member]
-            buf = bytearray(size)
-            self._file.seek(start + layer * size)
-            if self._file.readinto(buf) != size:
+            buf = np.empty(size, dtype=np.uint8)
+            if os.preadv(self._file.fileno(), [memoryview(buf)], start + layer * size) != size:
                 raise ClawError(f"{self.path}: member '{member}' is truncated")
             return np.frombuffer(buf, dtype=dtype).reshape(shape[1:])
         if self._cache is None or self._cache[0] != member:
@@ -131,15 +131,15 @@ class BigVisionStore(TensorStore):
         self.npz.close()
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:  # JAX's way: 2-byte void
-        return t.view(torch.int16).numpy().view(np.dtype("V2"))
-    return t.numpy()
+def _to_numpy(t: Any) -> np.ndarray:
+    a = contiguous(as_numpy(t))
+    if a.dtype == dtypes.bfloat16.np:  # JAX's way: 2-byte void
+        return a.view(np.dtype("V2"))
+    return a
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype("V2") if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
+def _numpy_dtype(dtype: DType) -> np.dtype:
+    return np.dtype("V2") if dtype == dtypes.bfloat16 else dtype.np
 
 
 TOWERS = ("img", "txt")
@@ -166,11 +166,11 @@ class BigVisionWriter:
     ``encoderblock/<leaf>`` and removed.  Memory stays at one tensor either way.
     """
 
-    def __init__(self, path: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], stacked: Any = False):
+    def __init__(self, path: Path, plan: list[tuple[str, tuple[int, ...], Any]], stacked: Any = False):
         self.path = Path(path)
         towers = stacked_towers(stacked)
         self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._planned = {name: (tuple(shape), dtype) for name, shape, dtype in plan}
+        self._planned = {name: (tuple(shape), dtype_of(dtype)) for name, shape, dtype in plan}
         self._groups: dict[str, dict[str, Any]] = {}   # stacked member -> spill state
         self._slot: dict[str, tuple[str, int]] = {}    # per-layer key -> (stacked member, layer)
         if towers:
@@ -193,13 +193,13 @@ class BigVisionWriter:
                     self._slot[n] = (member, i)
         self._pending = set(self._planned)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: Any) -> None:
         if name not in self._planned:
             raise ClawError(f"internal: tensor '{name}' was not planned for writing")
         shape, dtype = self._planned[name]
         if tuple(tensor.shape) != shape:
             raise ClawError(f"tensor '{name}' came out with shape {tuple(tensor.shape)}, planned {shape}")
-        arr = _to_numpy(tensor.to(dtype))
+        arr = _to_numpy(cast(as_numpy(tensor), dtype))
         self._pending.discard(name)
         if name not in self._slot:
             with self._zip.open(PREFIX + name + ".npy", "w", force_zip64=True) as f:

@@ -1,42 +1,153 @@
-"""dtype names shared by safetensors headers, numpy files and the ``--dtype`` flag."""
+"""Element types, without torch.
+
+The conversion path runs on numpy (torch costs 3 s and ~650 MiB just to import), so
+clawconvert names element types with its own small :class:`DType`: the safetensors code,
+the numpy dtype (bfloat16 and float8 through ``ml_dtypes``), and the torch dtype on demand
+for the places that hand arrays to a framework (``--verify``, pickle sources, tests).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
 import numpy as np
-import torch
-
-# safetensors header name -> torch dtype
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-# --dtype flag value -> torch dtype (None keeps the source dtype)
-CLI_DTYPES: dict[str, torch.dtype | None] = {
-    "keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-}
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+@dataclass(frozen=True)
+class DType:
+    name: str            # "float32", "bfloat16", ... (torch's spelling, without "torch.")
+    code: str            # safetensors header code: "F32", "BF16", ...
+    np: np.dtype         # the in-memory numpy dtype
+    is_floating_point: bool
+
+    @property
+    def itemsize(self) -> int:
+        return self.np.itemsize
+
+    @property
+    def torch(self) -> Any:
+        import torch
+        return getattr(torch, _TORCH_NAMES.get(self.name, self.name))
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"dtype({self.name})"
 
 
-def numpy_to_torch_dtype(dt: np.dtype) -> torch.dtype:
-    """numpy dtype of an array on disk -> torch dtype; 2-byte void is bfloat16 (big_vision)."""
-    if dt.kind == "V" and dt.itemsize == 2:
-        return torch.bfloat16
-    if dt.name == "bfloat16":  # ml_dtypes registered with numpy
-        return torch.bfloat16
+def _d(name: str, code: str, npd: Any, flt: bool) -> DType:
+    return DType(name, code, np.dtype(npd), flt)
+
+
+float64 = _d("float64", "F64", np.float64, True)
+float32 = _d("float32", "F32", np.float32, True)
+float16 = _d("float16", "F16", np.float16, True)
+bfloat16 = _d("bfloat16", "BF16", ml_dtypes.bfloat16, True)
+float8_e4m3fn = _d("float8_e4m3fn", "F8_E4M3", ml_dtypes.float8_e4m3fn, True)
+float8_e5m2 = _d("float8_e5m2", "F8_E5M2", ml_dtypes.float8_e5m2, True)
+int64 = _d("int64", "I64", np.int64, False)
+int32 = _d("int32", "I32", np.int32, False)
+int16 = _d("int16", "I16", np.int16, False)
+int8 = _d("int8", "I8", np.int8, False)
+uint8 = _d("uint8", "U8", np.uint8, False)
+bool_ = _d("bool", "BOOL", np.bool_, False)
+
+ALL: tuple[DType, ...] = (float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2,
+                          int64, int32, int16, int8, uint8, bool_)
+_TORCH_NAMES = {"bool": "bool"}
+
+# safetensors header code -> DType
+SAFETENSORS_DTYPES: dict[str, DType] = {d.code: d for d in ALL}
+_BY_NAME = {d.name: d for d in ALL}
+_BY_NP = {d.np: d for d in ALL}
+
+# --dtype flag value -> DType (None keeps the source dtype)
+CLI_DTYPES: dict[str, DType | None] = {"keep": None, "fp32": float32, "fp16": float16, "bf16": bfloat16}
+
+
+def dtype_of(x: Any) -> DType:
+    """The DType of a DType, a torch dtype, a numpy dtype, an array/tensor or a name."""
+    if isinstance(x, DType):
+        return x
+    if isinstance(x, str):
+        key = x.replace("torch.", "")
+        if key in _BY_NAME:
+            return _BY_NAME[key]
+        if key in CLI_DTYPES and CLI_DTYPES[key] is not None:
+            return CLI_DTYPES[key]  # type: ignore[return-value]
+        raise TypeError(f"unknown dtype {x!r}")
+    if hasattr(x, "dtype") and not isinstance(x, np.dtype):
+        return dtype_of(x.dtype)
+    if type(x).__module__ == "torch":  # a torch.dtype
+        return dtype_of(str(x))
     try:
-        return torch.from_numpy(np.empty(0, dtype=dt)).dtype
+        npd = np.dtype(x)
     except TypeError as e:
-        raise TypeError(f"unsupported array dtype {dt}") from e
+        raise TypeError(f"unsupported dtype {x!r}") from e
+    if npd.kind == "V" and npd.itemsize == 2 and npd.fields is None:
+        return bfloat16  # JAX/big_vision store bfloat16 as 2-byte void
+    if npd.byteorder == ">":
+        npd = npd.newbyteorder("<")
+    if npd in _BY_NP:
+        return _BY_NP[npd]
+    raise TypeError(f"unsupported array dtype {npd}")
 
 
-def output_dtype(source: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+def itemsize(dtype: Any) -> int:
+    return dtype_of(dtype).itemsize
+
+
+def output_dtype(source: DType, requested: DType | None) -> DType:
     """The dtype a tensor is written in: floating tensors follow ``--dtype``, others keep theirs."""
     if requested is None or not source.is_floating_point:
         return source
     return requested
+
+
+# ------------------------------------------------------------------------------------
+# arrays: numpy in the core, torch only at framework boundaries
+# ------------------------------------------------------------------------------------
+def as_numpy(x: Any) -> np.ndarray:
+    """A numpy view (no copy where possible) of a numpy array or a CPU torch tensor."""
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        import torch
+        t = x.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        d = dtype_of(t.dtype)
+        if d.np.kind == "V" or d.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            raw = t.contiguous().view(torch.uint8 if d.itemsize == 1 else torch.int16).numpy()
+            return raw.view(d.np)
+        return t.numpy()
+    return np.asarray(x)
+
+
+def as_torch(x: Any) -> Any:
+    """A torch tensor sharing memory with a numpy array (bfloat16/float8 included)."""
+    import torch
+    if isinstance(x, torch.Tensor):
+        return x
+    a = np.asarray(x)
+    d = dtype_of(a.dtype)
+    if not a.flags.writeable:
+        a = a.copy()
+    if d in (bfloat16, float8_e4m3fn, float8_e5m2):
+        raw = contiguous(a).view(np.int16 if d.itemsize == 2 else np.uint8)
+        return torch.from_numpy(raw).view(d.torch)
+    return torch.from_numpy(contiguous(a))
+
+
+def contiguous(x: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return x if x.flags.c_contiguous else np.array(x, order="C")
+
+
+def cast(x: np.ndarray, dtype: DType) -> np.ndarray:
+    """``x`` in ``dtype`` (round to nearest even, like torch's ``.to``); no copy if already so."""
+    if x.dtype == dtype.np:
+        return x
+    return x.astype(dtype.np)

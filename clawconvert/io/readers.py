@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import torch
 
 from ..errors import ClawError
-from .dtypes import SAFETENSORS_DTYPES, itemsize, numpy_to_torch_dtype
+from .dtypes import SAFETENSORS_DTYPES, DType, as_numpy, contiguous, dtype_of, itemsize
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_JSON_BYTES = 256 * 1024 * 1024
 MAX_DIM = 2**62          # a larger dimension cannot be a real tensor (and overflows int64 numel)
 # dtypes the writers can store; a source tensor of another dtype is refused when opened
 STORABLE_DTYPES = frozenset(SAFETENSORS_DTYPES.values())
+STORABLE_NAMES = frozenset(d.name for d in STORABLE_DTYPES)
 
 
 # ------------------------------------------------------------------------------------
@@ -116,13 +116,24 @@ def finite_checks(enabled: bool = True) -> Iterator[None]:
         _CHECK_FINITE.reset(token)
 
 
-def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
-    """(NaN count, +/-Inf count) of a tensor; (0, 0) for integer tensors."""
-    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+def finite_checks_active() -> bool:
+    return _CHECK_FINITE.get()
+
+
+def count_nonfinite(t: Any) -> tuple[int, int]:
+    """(NaN count, +/-Inf count) of an array; (0, 0) for integer arrays."""
+    t = as_numpy(t)
+    if not dtype_of(t.dtype).is_floating_point or t.size == 0:
         return 0, 0
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        t = t.float()
-    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    nan = inf = 0
+    flat = t.reshape(-1)
+    for i in range(0, flat.size, 1 << 22):  # in blocks: a float32 copy of a bf16 block, not of the tensor
+        block = flat[i:i + (1 << 22)]
+        if block.dtype.kind != "f":
+            block = block.astype(np.float32)
+        nan += int(np.count_nonzero(np.isnan(block)))
+        inf += int(np.count_nonzero(np.isinf(block)))
+    return nan, inf
 
 
 def describe_nonfinite(file: Path, name: str, nan: int, inf: int, numel: int) -> str:
@@ -141,7 +152,7 @@ def scan_nonfinite(store: "TensorStore", names: list[str] | None = None) -> list
             t = store.read(name)
         nan, inf = count_nonfinite(t)
         if nan or inf:
-            problems.append(describe_nonfinite(info.file, name, nan, inf, t.numel()))
+            problems.append(describe_nonfinite(info.file, name, nan, inf, t.size))
     return problems
 
 
@@ -149,7 +160,7 @@ def scan_nonfinite(store: "TensorStore", names: list[str] | None = None) -> list
 class TensorInfo:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     file: Path
 
     @property
@@ -190,7 +201,7 @@ class TensorStore:
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> np.ndarray:
         info = self._infos[name]
         try:
             t = self._read(self._file_names.get(name, name), info)
@@ -203,11 +214,11 @@ class TensorStore:
         if _CHECK_FINITE.get():
             nan, inf = count_nonfinite(t)
             if nan or inf:
-                raise ClawError(describe_nonfinite(info.file, name, nan, inf, t.numel())
+                raise ClawError(describe_nonfinite(info.file, name, nan, inf, t.size)
                                 + " (--check-finite)")
         return t
 
-    def _read(self, name: str, info: TensorInfo) -> torch.Tensor:  # pragma: no cover
+    def _read(self, name: str, info: TensorInfo) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     def rename(self, mapping: Callable[[str], str | None]) -> None:
@@ -334,17 +345,24 @@ class SafetensorsStore(TensorStore):
                 self._infos[name] = TensorInfo(name, shape, dtype, file)
                 self._where[name] = (file, data_start + begin, end - begin)
 
-    def _read(self, name: str, info: TensorInfo) -> torch.Tensor:
+    def _read(self, name: str, info: TensorInfo) -> np.ndarray:
         file, offset, nbytes = self._where[name]
-        buf = bytearray(nbytes)
-        with open(file, "rb") as f:
-            f.seek(offset)
-            got = f.readinto(buf)
+        buf = np.empty(nbytes, dtype=np.uint8)  # not zero-filled: every byte is read into
+        got = 0
+        with open(file, "rb", buffering=0) as f:
+            view = memoryview(buf)
+            while got < nbytes:
+                n = os.preadv(f.fileno(), [view[got:]], offset + got)
+                if not n:
+                    break
+                got += n
         if got != nbytes:
             raise ClawError(f"{file}: truncated while reading '{name}'")
-        if nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return buf.view(info.dtype.np).reshape(info.shape)
+
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, length) of a tensor's little-endian bytes: copied without decoding."""
+        return self._where[self._file_names.get(name, name)]
 
 
 def read_weight_map(index_path: Path) -> dict[str, str]:
@@ -423,14 +441,16 @@ def open_sharded_index(index_path: Path) -> SafetensorsStore:
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema_state_dict")
 
 
-def _unwrap_checkpoint(obj, path: Path) -> dict[str, torch.Tensor]:
+def _unwrap_checkpoint(obj, path: Path) -> dict[str, Any]:
+    import torch
+
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in STATE_DICT_KEYS:
             if isinstance(obj.get(key), dict):
                 return _unwrap_checkpoint(obj[key], path)
     if not isinstance(obj, dict):
         raise ClawError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue
@@ -441,7 +461,7 @@ def _unwrap_checkpoint(obj, path: Path) -> dict[str, torch.Tensor]:
                 and not isinstance(v, torch.nn.Parameter):
             raise ClawError(f"{path}: tensor '{name}' is not a plain dense CPU tensor "
                             f"({v.layout}, {v.device.type}, {type(v).__name__}); cannot convert it")
-        if v.dtype not in STORABLE_DTYPES:
+        if str(v.dtype).replace('torch.', '') not in STORABLE_NAMES:
             raise ClawError(f"{path}: tensor '{name}' has dtype {str(v.dtype).replace('torch.', '')}, "
                             f"which no output format stores")
         tensors[name] = v
@@ -470,11 +490,11 @@ class TorchPickleStore(TensorStore):
         super().__init__(path)
         self._tensors = _unwrap_checkpoint(load_torch_file(Path(path), unsafe_pickle), Path(path))
         for name, t in self._tensors.items():
-            self._infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, Path(path))
+            self._infos[name] = TensorInfo(name, tuple(t.shape), dtype_of(t.dtype), Path(path))
         self.rename(strip_common_prefix(list(self._infos)))
 
-    def _read(self, name: str, info: TensorInfo) -> torch.Tensor:
-        return self._tensors[name].clone()
+    def _read(self, name: str, info: TensorInfo) -> np.ndarray:
+        return as_numpy(self._tensors[name]).copy()  # a copy: never a view into the (mmapped) file
 
 
 REFUSED_PICKLE = ("refused: this pickle wants to run code or build objects that safe loading (weights_only) "
@@ -523,6 +543,7 @@ def load_torch_file(path: Path, unsafe_pickle: bool = False):
 
 
 def _torch_load(path: Path, kw: dict):
+    import torch
     try:
         return torch.load(path, mmap=True, **kw)
     except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
@@ -620,7 +641,7 @@ class NpzStore(TensorStore):
                 raise ClawError(f"{path}: member '{m.filename}' is {what}: {dtype} {tuple(shape)} needs "
                                 f"{nbytes} bytes of data, the member holds {m.file_size - header_len}")
             try:
-                tdtype = numpy_to_torch_dtype(dtype)
+                tdtype = dtype_of(dtype)
             except Exception as e:
                 raise ClawError(f"{path}: member '{name}': {_first_line(e)}") from e
             if tdtype not in STORABLE_DTYPES:
@@ -641,11 +662,12 @@ class NpzStore(TensorStore):
             return arr.reshape(shape[::-1]).transpose()
         return arr.reshape(shape)
 
-    def _read(self, name: str, info: TensorInfo) -> torch.Tensor:
+    def _read(self, name: str, info: TensorInfo) -> np.ndarray:
         arr = self.read_numpy(name)
-        if info.dtype == torch.bfloat16:
-            return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16)).view(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        if arr.dtype != info.dtype.np:  # 2-byte void (JAX bfloat16) or big-endian
+            arr = contiguous(arr)
+            arr = arr.view(info.dtype.np) if arr.dtype.kind == "V" else arr.astype(info.dtype.np)
+        return contiguous(arr)
 
     def close(self) -> None:
         self._zip.close()
@@ -707,7 +729,7 @@ class _MultiStore(TensorStore):
                 self._infos[name] = info
                 self._owner[name] = s
 
-    def _read(self, name: str, info: TensorInfo) -> torch.Tensor:
+    def _read(self, name: str, info: TensorInfo) -> np.ndarray:
         return self._owner[name].read(name)
 
 

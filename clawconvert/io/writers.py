@@ -15,11 +15,17 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
+import hashlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
-import torch
 
 from ..errors import ClawError
-from .dtypes import TORCH_TO_SAFETENSORS, itemsize
+from ..provenance import remember_hash
+from . import dtypes
+from .dtypes import SAFETENSORS_DTYPES, DType, as_numpy, cast, contiguous, dtype_of
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.I)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -45,39 +51,95 @@ def _with_file(e: OSError, path: Path) -> OSError:
     return OSError(e.errno, e.strerror or str(e), str(path))
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's raw little-endian bytes without copying when it is already contiguous."""
-    t = t.detach().contiguous().reshape(-1)
-    if t.numel() == 0:
+class _Hasher:
+    """sha256 of each output file, computed on a second thread while the bytes are written.
+
+    Writes that arrive in file order are hashed as they go (hashlib releases the GIL), so
+    the manifest does not read the output back; a file written out of order is hashed at
+    the end by the manifest instead.  At most ``max_pending`` bytes wait for the hasher.
+    """
+
+    def __init__(self, max_pending: int = 256 << 20):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawconvert-sha256")
+        self._pending: deque = deque()
+        self._pending_bytes = 0
+        self.max_pending = max_pending
+
+    def update(self, h, data):
+        """Queue ``h.update(data)``; ``data`` must not change until the returned future is done."""
+        n = len(data)
+        while self._pending and self._pending_bytes + n > self.max_pending:
+            self._drain_one()
+        fut = self._pool.submit(h.update, data)
+        self._pending.append((fut, n))
+        self._pending_bytes += n
+        return fut
+
+    def _drain_one(self) -> None:
+        fut, n = self._pending.popleft()
+        fut.result()
+        self._pending_bytes -= n
+
+    def wait(self) -> None:
+        while self._pending:
+            self._drain_one()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def tensor_bytes(t) -> memoryview:
+    """An array's raw little-endian bytes, without copying when it is already contiguous."""
+    a = contiguous(as_numpy(t))
+    if a.size == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+    done = 0
+    try:
+        while done < len(view):
+            n = os.pwrite(fd, view[done:], offset + done)
+            if n <= 0:
+                raise OSError(28, os.strerror(28))
+            done += n
+    except OSError as e:
+        raise _with_file(e, path) from e
+
+
+COPY_CHUNK = 16 << 20
 
 
 class SafetensorsWriter:
     """Write planned tensors into one safetensors file or HF-style shards.
 
-    >>> w = SafetensorsWriter(out_dir, [("a", (2, 3), torch.float32)], max_shard_size=5 * 10**9)
-    >>> w.write("a", tensor); w.close()
+    >>> w = SafetensorsWriter(out_dir, [("a", (2, 3), dtypes.float32)], max_shard_size=5 * 10**9)
+    >>> w.write("a", array); w.close()
+
+    ``copy_range`` moves a tensor whose bytes are already right (a rename) from the source
+    file in fixed-size chunks, so a tensor of any size costs ``COPY_CHUNK`` of memory.
+    ``hashes`` holds each written file's sha256 after ``close``.
     """
 
-    def __init__(self, directory: Path, plan: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    def __init__(self, directory: Path, plan: Iterable[tuple[str, tuple[int, ...], Any]],
                  max_shard_size: int = 5 * 10**9, basename: str = "model",
                  metadata: dict[str, str] | None = None):
         self.directory = Path(directory)
-        plan = list(plan)
+        plan = [(name, tuple(shape), dtype_of(dtype)) for name, shape, dtype in plan]
         names = [p[0] for p in plan]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ClawError(f"output would hold duplicate tensor names: {', '.join(dup[:5])}")
         for name, shape, dtype in plan:
-            if dtype not in TORCH_TO_SAFETENSORS:
-                raise ClawError(f"tensor '{name}' has dtype {str(dtype).replace('torch.', '')}, "
-                                f"which safetensors cannot store")
+            if dtype.code not in SAFETENSORS_DTYPES:
+                raise ClawError(f"tensor '{name}' has dtype {dtype}, which safetensors cannot store")
         self.metadata = {"format": "pt", **(metadata or {})}
-        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        shards: list[list[tuple[str, tuple[int, ...], DType]]] = [[]]
         size = 0
         for entry in plan:
-            nbytes = math.prod(entry[1]) * itemsize(entry[2])
+            nbytes = math.prod(entry[1]) * entry[2].itemsize
             if shards[-1] and size + nbytes > max_shard_size:
                 shards.append([])
                 size = 0
@@ -85,15 +147,19 @@ class SafetensorsWriter:
             size += nbytes
         n = len(shards)
         self.files: list[Path] = []
-        self._where: dict[str, tuple[int, int, int, torch.dtype, tuple[int, ...]]] = {}
+        self._where: dict[str, tuple[int, int, int, DType, tuple[int, ...]]] = {}
         self._handles = []
+        self._sha = []          # per file: [hashlib object, next offset to hash, in order so far]
+        self._hasher = _Hasher()
+        self._ring: list[np.ndarray] = []
+        self.hashes: dict[str, str] = {}
         self.total_size = 0
         for i, shard in enumerate(shards):
             fname = f"{basename}.safetensors" if n == 1 else f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors"
             header, offset = {}, 0
             for name, shape, dtype in shard:
-                nbytes = math.prod(shape) * itemsize(dtype)
-                header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+                nbytes = math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": dtype.code, "shape": list(shape),
                                 "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
             header = {"__metadata__": self.metadata, **header}
@@ -102,18 +168,19 @@ class SafetensorsWriter:
             path = self.directory / fname
             data_start = 8 + len(raw)
             try:
-                f = open(path, "wb")
+                f = open(path, "wb", buffering=0)
             except OSError as e:
                 self.abort()
                 raise _with_file(e, path) from e
             self._handles.append(f)
+            head = len(raw).to_bytes(8, "little") + raw
             try:
-                f.write(len(raw).to_bytes(8, "little"))
-                f.write(raw)
+                f.write(head)
                 f.truncate(data_start + offset)
             except OSError as e:
                 self.abort()
                 raise _with_file(e, path) from e
+            self._sha.append([hashlib.sha256(head), data_start, True])
             for name, shape, dtype in shard:
                 b, e = header[name]["data_offsets"]
                 self._where[name] = (len(self._handles) - 1, data_start + b, e - b, dtype, tuple(shape))
@@ -122,33 +189,64 @@ class SafetensorsWriter:
         self._pending = set(self._where)
         self.basename = basename
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _put(self, fi: int, offset: int, data):
+        _pwrite_all(self._handles[fi].fileno(), data, offset, self.files[fi])
+        state = self._sha[fi]
+        if state[2] and offset == state[1]:
+            state[1] += len(data)
+            return self._hasher.update(state[0], data)
+        state[2] = False  # out of order: the manifest hashes this file itself
+        return None
+
+    def _slot(self, name: str) -> tuple[int, int, int, DType, tuple[int, ...]]:
         if name not in self._where:
             raise ClawError(f"internal: tensor '{name}' was not planned for writing")
-        fi, offset, nbytes, dtype, shape = self._where[name]
-        if tuple(tensor.shape) != shape:
-            raise ClawError(f"tensor '{name}' came out with shape {tuple(tensor.shape)}, planned {shape}")
-        if tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        data = tensor_bytes(tensor)
+        return self._where[name]
+
+    def write(self, name: str, tensor) -> None:
+        fi, offset, nbytes, dtype, shape = self._slot(name)
+        arr = as_numpy(tensor)
+        if tuple(arr.shape) != shape:
+            raise ClawError(f"tensor '{name}' came out with shape {tuple(arr.shape)}, planned {shape}")
+        data = tensor_bytes(cast(arr, dtype))
         if len(data) != nbytes:
             raise ClawError(f"internal: tensor '{name}' is {len(data)} bytes, planned {nbytes}")
-        f = self._handles[fi]
-        try:
-            f.seek(offset)
-            written = f.write(data)
-        except OSError as e:
-            raise _with_file(e, self.files[fi]) from e
-        if written is not None and written != len(data):
-            raise OSError(28, os.strerror(28), str(self.files[fi]))
+        if nbytes:
+            self._put(fi, offset, data)
+        self._pending.discard(name)
+
+    def copy_range(self, name: str, src: Path, src_offset: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from ``src`` at ``src_offset`` as tensor ``name``, chunk by chunk."""
+        fi, offset, planned, _, _ = self._slot(name)
+        if nbytes != planned:
+            raise ClawError(f"internal: tensor '{name}' is {nbytes} bytes, planned {planned}")
+        if not self._ring:
+            self._ring = [[np.empty(COPY_CHUNK, dtype=np.uint8), None] for _ in range(3)]
+        with open(src, "rb", buffering=0) as f:
+            done = 0
+            while done < nbytes:
+                slot = self._ring[0]
+                self._ring.append(self._ring.pop(0))
+                if slot[1] is not None:
+                    slot[1].result()  # the hasher may still be reading this buffer
+                n = min(COPY_CHUNK, nbytes - done)
+                view = memoryview(slot[0])[:n]
+                got = os.preadv(f.fileno(), [view], src_offset + done)
+                if got != n:
+                    raise ClawError(f"{src}: truncated while reading '{name}'")
+                slot[1] = self._put(fi, offset + done, view)
+                done += n
         self._pending.discard(name)
 
     def close(self) -> list[Path]:
         """Flush everything; refuse to finish while a planned tensor was never written."""
+        try:
+            self._hasher.wait()
+        finally:
+            self._hasher.shutdown()
         handles, self._handles = self._handles, []
         for f, path in zip(handles, self.files):
             try:
-                f.flush()
                 os.fsync(f.fileno())
             except OSError as e:
                 for g in handles:
@@ -158,6 +256,10 @@ class SafetensorsWriter:
         if self._pending:
             missing = sorted(self._pending)
             raise ClawError(f"{len(missing)} planned tensors were never written: {', '.join(missing[:5])}")
+        for path, (h, hashed, in_order) in zip(self.files, self._sha):
+            if in_order and hashed == path.stat().st_size:
+                self.hashes[path.name] = h.hexdigest()
+                remember_hash(path, self.hashes[path.name])
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {name: self.files[w[0]].name for name, w in sorted(self._where.items())}}
@@ -170,6 +272,7 @@ class SafetensorsWriter:
         return list(self.files)
 
     def abort(self) -> None:
+        self._hasher.shutdown()
         handles, self._handles = self._handles, []
         for f in handles:
             try:
@@ -190,15 +293,10 @@ class NpzWriter:
         self.keep_bfloat16 = keep_bfloat16
         self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
 
-    def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
-        if isinstance(tensor, torch.Tensor):
-            t = tensor.detach().contiguous()
-            if t.dtype == torch.bfloat16:
-                arr = t.view(torch.int16).numpy().view(np.dtype("V2")) if self.keep_bfloat16 else t.float().numpy()
-            else:
-                arr = t.numpy()
-        else:
-            arr = np.ascontiguousarray(tensor)
+    def write(self, name: str, tensor) -> None:
+        arr = contiguous(as_numpy(tensor))
+        if arr.dtype == dtypes.bfloat16.np:  # numpy files have no bfloat16: JAX's 2-byte void, or float32
+            arr = arr.view(np.dtype("V2")) if self.keep_bfloat16 else arr.astype(np.float32)
         if arr.dtype.hasobject:
             raise ClawError(f"tensor '{name}' holds Python objects; .npz outputs hold arrays only")
         try:

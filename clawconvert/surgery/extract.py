@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+import numpy as np
 
 from ..errors import ClawError, VerificationFailed
 from ..formats import Checkpoint, SourceOptions, get_format, open_checkpoint
 from ..io.atomic import atomic_output_dir
+from ..io.dtypes import DType, dtype_of
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import source_fingerprint, write_manifest
 from ..tables import load_table
@@ -60,7 +61,7 @@ class ExtractResult:
 
 def extract(src: str | Path, dst: str | Path, tower: str = "visual", to: str = "hf", *,
             with_projection: bool = False, src_format: str | None = None, model_name: str | None = None,
-            model_config: str | Path | None = None, dtype: str | torch.dtype | None = "keep",
+            model_config: str | Path | None = None, dtype: str | DType | None = "keep",
             max_shard_size: str | int = "5GB", verify: bool = False, tolerance: float | None = None,
             overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = False) -> ExtractResult:
     """Write one tower of ``src`` to ``dst`` in the format ``to``; see the module docstring."""
@@ -109,7 +110,7 @@ def extract(src: str | Path, dst: str | Path, tower: str = "visual", to: str = "
         try:
             n = plan.execute(writer, _progress(progress, plan.total_bytes, f"{tower} tower -> {to}"))
             if to == "timm" and with_projection:
-                writer.write("head.bias", torch.zeros(num_classes, dtype=writer_plan[-1][2]))
+                writer.write("head.bias", np.zeros(num_classes, dtype=writer_plan[-1][2].np))
                 n += 1
             files = writer.close()
         except BaseException:
@@ -187,7 +188,7 @@ def _nbytes(shape, dtype) -> int:
     n = 1
     for s in shape:
         n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype_of(dtype).itemsize
 
 
 # ------------------------------------------------------------------------------------
@@ -245,10 +246,12 @@ def _load_lines(family, tower: str, to: str, with_projection: bool, arch: str | 
 # ------------------------------------------------------------------------------------
 # verification: the tower against the full model, same framework, same inputs
 # ------------------------------------------------------------------------------------
-Fn = Callable[[torch.Tensor], torch.Tensor]
+Fn = Callable[[Any], Any]  # torch tensor -> torch tensor
 
 
 def _hf_load(cls: type, path: Path):
+    import torch
+
     from ..verify import quiet
     with quiet():
         model, info = cls.from_pretrained(str(path), output_loading_info=True, dtype=torch.float32)
@@ -349,6 +352,8 @@ def verify_tower(ckpt: Checkpoint, options: SourceOptions, out: Path, tower: str
         except Exception as e:  # timm raises RuntimeError on a strict-load mismatch
             raise VerificationFailed(f"{out}: timm cannot load it: {str(e).splitlines()[0][:300]}") from e
         name, fn = f"timm {arch}", model
+
+    import torch
 
     pixels, ids = sample_inputs(ckpt.config)
     x = pixels if tower == "visual" else ids

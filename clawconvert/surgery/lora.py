@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ..errors import ClawError
 from ..io.readers import TensorStore, open_tensors
@@ -210,8 +210,8 @@ class Adapter:
             self.modules[path] = LoraModule(path, kind, p["a"], p["b"], self.config.scale(path), r,
                                             p.get("b_bias"), p.get("magnitude"))
 
-    def read(self, key: str) -> torch.Tensor:
-        return self.store.read(key).to(torch.float32)
+    def read(self, key: str) -> np.ndarray:
+        return np.asarray(self.store.read(key), dtype=np.float32)
 
     def check_fits(self, module: LoraModule, weight_shape: tuple[int, ...], fan_in_fan_out: bool,
                    base_name: str) -> None:
@@ -258,29 +258,31 @@ def layer_fan_in_fan_out(adapter: Adapter, module: LoraModule, weight_shape: tup
     return model_type in CONV1D_MODEL_TYPES
 
 
-def merge_into(weight: torch.Tensor, adapter: Adapter, module: LoraModule, fan_in_fan_out: bool) -> torch.Tensor:
+def merge_into(weight: np.ndarray, adapter: Adapter, module: LoraModule, fan_in_fan_out: bool) -> np.ndarray:
     """Return float32 ``weight`` with the module's delta merged in, as PEFT's ``merge`` does.
 
     ``weight`` must already be float32; it is updated in place where that saves memory.
     """
     a, b = adapter.read(module.a), adapter.read(module.b)
     if module.kind == "embedding":
-        delta = (b @ a).T * module.scale                     # Embedding.get_delta_weight
-        v = weight.add_(delta)
+        delta = b @ a
+        delta *= module.scale
+        weight += delta.T                                     # Embedding.get_delta_weight: (b @ a).T * scale
         del delta
         if module.magnitude:                                  # DoraEmbeddingVariant: per hidden column
-            v.mul_((adapter.read(module.magnitude) / torch.linalg.norm(v, dim=0)).view(1, -1))
-        return v
-    delta = (b @ a) * module.scale                            # Linear.get_delta_weight, (out, in)
+            weight *= (adapter.read(module.magnitude) / np.linalg.norm(weight, axis=0)).reshape(1, -1)
+        return weight
+    delta = b @ a                                             # Linear.get_delta_weight, (out, in)
+    delta *= module.scale
     v = weight.T if fan_in_fan_out else weight               # a view: (out, in)
-    v.add_(delta)
+    v += delta
     del delta
     if module.magnitude:                                      # DoraLinearVariant: per output row
-        v.mul_((adapter.read(module.magnitude) / torch.linalg.norm(v, dim=1)).view(-1, 1))
+        v *= (adapter.read(module.magnitude) / np.linalg.norm(v, axis=1)).reshape(-1, 1)
     return weight
 
 
-def bias_delta(adapter: Adapter, module: LoraModule) -> torch.Tensor:
+def bias_delta(adapter: Adapter, module: LoraModule) -> np.ndarray:
     """lora_bias=True: the base bias gains ``lora_B.bias * scale`` (``Linear.merge``)."""
     return adapter.read(module.b_bias) * module.scale
 
@@ -295,5 +297,5 @@ def same_factors(embedding: LoraModule, head: LoraModule, adapter: Adapter) -> b
         return False
     if embedding.magnitude or head.magnitude or head.b_bias:
         return False
-    return (torch.equal(adapter.read(head.a), adapter.read(embedding.b).T)
-            and torch.equal(adapter.read(head.b), adapter.read(embedding.a).T))
+    return (np.array_equal(adapter.read(head.a), adapter.read(embedding.b).T)
+            and np.array_equal(adapter.read(head.b), adapter.read(embedding.a).T))

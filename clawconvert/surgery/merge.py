@@ -16,10 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import torch
+import numpy as np
 
 from ..errors import ClawError
-from ..io.dtypes import output_dtype
+from ..io.dtypes import DType, output_dtype
 from ..io.readers import TensorStore
 from .lora import Adapter, LoraModule, bias_delta, layer_fan_in_fan_out, merge_into, same_factors
 
@@ -68,7 +68,7 @@ class OutTensor:
     name: str              # output name, in the base's spelling
     canonical: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     recipe: Recipe
 
 
@@ -102,7 +102,7 @@ def _store_order(store: TensorStore) -> list[str]:
 
 
 def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: str,
-               dtype: torch.dtype | None = None) -> MergePlan:
+               dtype: DType | None = None) -> MergePlan:
     """Plan every output tensor from headers; raise one ClawError listing all misfits."""
     index: dict[str, str] = {}
     for key in _store_order(base):
@@ -216,14 +216,19 @@ def _head_name(embed_key: str, embed: str, head: str) -> str:
 
 def _same_tensors(adapter: Adapter, keys: list[str]) -> bool:
     first = adapter.store.read(keys[0])
-    return all(torch.equal(first, adapter.store.read(k)) for k in keys[1:])
+    return all(_equal(first, adapter.store.read(k)) for k in keys[1:])
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same dtype, shape and values (torch.equal's meaning)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
 
 
 def _same_start(a: Recipe, b: Recipe, adapter: Adapter) -> bool:
     if a.start == b.start:
         return True
     if a.start[0] == b.start[0] == "adapter":
-        return torch.equal(adapter.store.read(a.start[1]), adapter.store.read(b.start[1]))
+        return _equal(adapter.store.read(a.start[1]), adapter.store.read(b.start[1]))
     return False
 
 
@@ -245,25 +250,41 @@ def _decide_tie(embed: Recipe, head: Recipe, adapter: Adapter, embed_key: str, h
                              f"written as its own tensor and tie_word_embeddings is set to false")}
 
 
-def build_tensor(t: OutTensor, base: TensorStore, adapter: Adapter) -> torch.Tensor:
+def build_tensor(t: OutTensor, base: TensorStore, adapter: Adapter) -> np.ndarray:
     """One output tensor: read its start, merge in float32, append new rows. The writer casts once."""
     r = t.recipe
     kind, key = r.start
     x = adapter.store.read(key) if kind == "adapter" else base.read(key)
     if not (r.lora or r.bias_of or r.extra_rows):
         return x
-    x = x.to(torch.float32)
+    x = x.astype(np.float32)  # a fresh float32 copy, merged in place
     if r.lora:
         x = merge_into(x, adapter, r.lora, r.fan_in_fan_out)
     if r.bias_of:
         x += bias_delta(adapter, r.bias_of)
     if r.extra_rows:
-        x = torch.cat([x, x.mean(dim=0, keepdim=True).expand(r.extra_rows, *x.shape[1:])])
+        mean = x.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
+        x = np.concatenate([x, np.broadcast_to(mean, (r.extra_rows, *x.shape[1:]))])
     return x
+
+
+def _unchanged_bytes(t: OutTensor, base: TensorStore, adapter: Adapter, writer) -> tuple | None:
+    """(file, offset, nbytes) when ``t`` is a source tensor's bytes as they are: copied in chunks."""
+    r = t.recipe
+    kind, key = r.start
+    store = adapter.store if kind == "adapter" else base
+    if (r.lora or r.bias_of or r.extra_rows or not hasattr(writer, "copy_range")
+            or not hasattr(store, "byte_range") or store.info(key).dtype != t.dtype):
+        return None
+    return store.byte_range(key)
 
 
 def write_merged(tensors: Iterable[OutTensor], base: TensorStore, adapter: Adapter, writer,
                  progress: Callable[[Iterable], Iterable] | None = None) -> None:
     items = list(tensors)
     for t in (progress(items) if progress else items):
-        writer.write(t.name, build_tensor(t, base, adapter))
+        span = _unchanged_bytes(t, base, adapter, writer)
+        if span is not None:
+            writer.copy_range(t.name, *span)
+        else:
+            writer.write(t.name, build_tensor(t, base, adapter))

@@ -13,12 +13,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..errors import ClawError
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
-from ..io.dtypes import CLI_DTYPES, output_dtype
+from ..io.dtypes import CLI_DTYPES, DType, output_dtype
 from ..io.readers import open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import MANIFEST, source_fingerprint, write_manifest
@@ -90,7 +89,7 @@ def _copy_side_files(base: Path, out: Path, keep: tuple[str, ...] | None = None)
     return copied
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
+def _dtype_name(dtype: DType | None) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
@@ -271,7 +270,7 @@ class _Assembly:
                             "holds none)")
         return leftovers
 
-    def plan(self, plan: MergePlan, text_config: dict, dtype: torch.dtype | None):
+    def plan(self, plan: MergePlan, text_config: dict, dtype: DType | None):
         """LM tensors renamed to the llava-hf layout, plus vision and connector tensors (read lazily)."""
         for t in plan.tensors:
             t.name = llava.llava_name(t.canonical)
