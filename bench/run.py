@@ -62,7 +62,10 @@ IMPORT_FOOTPRINTS = (
     ("python, nothing imported", "pass"),
     ("python + numpy", "import numpy"),
     ("python + import torch", "import torch"),
-    ("python + torch + transformers CLIPModel + open_clip (what convert imports)",
+    ("python + clawconvert's conversion modules (api, every format and family)",
+     "import clawconvert.api; from clawconvert.formats import all_formats; "
+     "from clawconvert.families import all_families; all_formats(); all_families()"),
+    ("python + torch + transformers CLIPModel + open_clip (what the peer imports)",
      "import torch, open_clip; from transformers import CLIPModel, CLIPTokenizer, CLIPImageProcessor"),
 )
 

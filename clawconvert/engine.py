@@ -102,18 +102,27 @@ class Plan:
 
     def _byte_copy(self, rule: Rule, producer: dict[str, Rule], out_dtypes: dict[str, DType],
                    sink: TensorSink) -> tuple | None:
-        """(file, offset, nbytes) when a target is a source tensor's bytes unchanged (a rename in
-        both tables, same dtype): the sink then copies it in chunks instead of materialising it."""
-        if (rule.chain.ops or len(rule.canonical) != 1 or not hasattr(sink, "copy_range")
-                or not hasattr(self.source, "byte_range") or finite_checks_active()):
+        """(file, offset, nbytes) when a target is a run of a source tensor's bytes, unchanged:
+        a rename or reshape in both tables, or one part of a split along the first axis (q, k, v
+        of ``in_proj``), in the same dtype.  The sink then copies it in chunks instead of
+        materialising it."""
+        if (len(rule.canonical) != 1 or len(rule.format) != 1 or not rule.chain.keeps_bytes
+                or not hasattr(sink, "copy_range") or not hasattr(self.source, "byte_range")
+                or finite_checks_active()):
             return None
-        src = producer[rule.canonical[0]]
-        if src.chain.ops or len(src.format) != 1:
+        c = rule.canonical[0]
+        src = producer[c]
+        if len(src.format) != 1:
             return None
         key = src.format[0]
-        if self.source.info(key).dtype != out_dtypes[rule.format[0]]:
+        info = self.source.info(key)
+        if info.dtype != out_dtypes[rule.format[0]]:
             return None
-        return self.source.byte_range(key)
+        span = src.chain.load_span(info.shape, src.canonical.index(c))
+        if span is None:
+            return None
+        file, offset, _ = self.source.byte_range(key)
+        return file, offset + span[0] * info.dtype.itemsize, span[1] * info.dtype.itemsize
 
 
 class Problems:

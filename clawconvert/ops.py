@@ -83,6 +83,7 @@ class Op:
     name = "op"
     arity_in = 1   # tensors on the format side
     arity_out = 1  # tensors on the canonical side
+    keeps_bytes = False  # the output's bytes are the input's, in order (reshape, squeeze)
 
     def load(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
@@ -171,6 +172,7 @@ class Transpose(Permute):
 
 class Reshape(Op):
     name = "reshape"
+    keeps_bytes = True
 
     def __init__(self, spec: dict, dims: dict[str, int]):
         if not isinstance(spec, dict) or set(spec) != {"format", "canonical"}:
@@ -193,6 +195,7 @@ class Reshape(Op):
 
 class Squeeze(Op):
     name = "squeeze"
+    keeps_bytes = True
 
     def __init__(self, dim: int):
         self.dim = int(dim)
@@ -255,6 +258,16 @@ class Split(Op):
     @property
     def arity_out(self):  # type: ignore[override]
         return self.parts
+
+    def part_span(self, shape: Shape, index: int) -> tuple[int, int] | None:
+        """(element offset, element count) of part ``index`` inside the input, when the parts
+        are consecutive runs of its bytes (every axis before the split axis has size 1)."""
+        if any(d != 1 for d in shape[:self.dim]):
+            return None
+        parts = self.load_shapes([shape])
+        inner = math.prod(shape[self.dim + 1:])
+        offset = sum(p[self.dim] for p in parts[:index]) * inner
+        return offset, math.prod(parts[index])
 
     def load(self, xs):
         return self._split(xs[0])
@@ -356,6 +369,31 @@ class Chain:
         for op in self.ops:
             shapes = op.load_shapes(shapes)
         return shapes
+
+    def load_span(self, shape: Shape, index: int) -> tuple[int, int] | None:
+        """Where canonical tensor ``index`` lies in the one format tensor of this shape, as
+        (element offset, element count), when loading only reshapes it or cuts it into
+        consecutive runs (``in_proj`` -> q, k, v); None when an op moves elements."""
+        span = (0, math.prod(shape))
+        shapes = [tuple(shape)]
+        for op in self.ops:
+            if op.keeps_bytes and len(shapes) == 1:
+                shapes = op.load_shapes(shapes)
+            elif isinstance(op, Split) and not isinstance(op, Concat) and len(shapes) == 1:
+                part = op.part_span(shapes[0], index)
+                if part is None:
+                    return None
+                span = (span[0] + part[0], part[1])
+                shapes = [op.load_shapes(shapes)[index]]
+                index = 0
+            else:
+                return None
+        return span if index == 0 and len(shapes) == 1 else None
+
+    @property
+    def keeps_bytes(self) -> bool:
+        """True when saving only reshapes (the format tensor's bytes are the canonical one's)."""
+        return all(op.keeps_bytes for op in self.ops)
 
     def save_shapes(self, shapes: list[Shape]) -> list[Shape]:
         for op in reversed(self.ops):

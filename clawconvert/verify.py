@@ -15,9 +15,10 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a framework runs, not by the conversion path
+    import torch
 
 from .errors import ClawError, VerificationFailed
 from .formats import Checkpoint
@@ -36,6 +37,8 @@ class Runner:
 
 def _features(out: Any) -> torch.Tensor:
     """transformers 5 returns a model output from get_*_features; 4.x a tensor."""
+    import torch
+
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
@@ -58,6 +61,8 @@ def quiet():
 
 
 def hf_runner(ckpt: Checkpoint) -> Runner:
+    import torch
+
     cls = ckpt.family.hf_model_class(ckpt.config)
     with quiet():
         model, info = cls.from_pretrained(str(ckpt.path), output_loading_info=True, dtype=torch.float32)
@@ -78,6 +83,8 @@ def _pixels(x: Any) -> dict[str, Any]:
 
 
 def openclip_runner(ckpt: Checkpoint) -> Runner:
+    import torch
+
     import open_clip
 
     path = Path(ckpt.path)
@@ -134,6 +141,8 @@ RUNNERS: dict[str, Callable[[Checkpoint], Runner]] = {"hf": hf_runner, "openclip
 
 def sample_inputs(config: Any, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic pixels and token rows shaped like a tokenizer's output."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     v, t = config.vision_config, config.text_config
     size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
@@ -155,6 +164,8 @@ def sample_inputs(config: Any, batch: int = 2, seed: int = 0) -> tuple[torch.Ten
 
 def compare(a: Checkpoint, b: Checkpoint, tolerance: float = 1e-4, seed: int = 0) -> dict[str, Any]:
     """Run both checkpoints on the same inputs; return the figures (raises if above tolerance)."""
+    import torch
+
     runners = []
     for ck in (a, b):
         if ck.format not in RUNNERS:

@@ -78,14 +78,21 @@ def shards_by_tower(src: Path) -> dict[str, set[str]]:
 
 @pytest.fixture
 def reads(monkeypatch) -> list[tuple[str, str]]:
-    """Every (file name, tensor) a SafetensorsStore reads data for."""
+    """Every (file name, tensor) a SafetensorsStore reads data for: decoded (``_read``) or
+    handed to the writer as a byte range to copy (``byte_range``)."""
     seen: list[tuple[str, str]] = []
-    original = SafetensorsStore._read
+    original_read, original_range = SafetensorsStore._read, SafetensorsStore.byte_range
 
     def spy(self, name, info):
         seen.append((info.file.name, name))
-        return original(self, name, info)
+        return original_read(self, name, info)
+
+    def spy_range(self, name):
+        span = original_range(self, name)
+        seen.append((span[0].name, name))
+        return span
     monkeypatch.setattr(SafetensorsStore, "_read", spy)
+    monkeypatch.setattr(SafetensorsStore, "byte_range", spy_range)
     return seen
 
 

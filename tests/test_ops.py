@@ -5,6 +5,9 @@ independent implementation of permute / split / cat) and compare through zero-co
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -137,3 +140,26 @@ def test_property_reshape_flatten_roundtrip(shape, dtype):
     for s in shape:
         n *= s
     roundtrip({"reshape": {"format": shape, "canonical": [n]}}, [torch.randn(shape).to(dtype)], 1)
+
+
+@pytest.mark.parametrize("spec,shape,n,dims", [
+    ("split", (12, 4), 3, {}),                                        # OpenCLIP in_proj -> q, k, v
+    ({"split": {"dim": 0, "sizes": ["D", "2 * D"]}}, (9,), 2, {"D": 3}),
+    ([{"reshape": {"format": [1, 6, 4], "canonical": [6, 4]}}, "split"], (1, 6, 4), 2, {}),
+    ({"squeeze": 0}, (1, 5, 3), 1, {}),
+    ({"split": {"dim": 1}}, (1, 6, 2), 3, {}),                         # leading axis of size 1
+])
+def test_load_span_names_the_bytes_each_part_is_made_of(spec, shape, n, dims):
+    """The engine copies such parts as byte ranges; the range must hold exactly the part."""
+    chain = build_chain(spec, dims, 1, n)
+    x = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+    for i, part in enumerate(chain.load([x])):
+        offset, count = chain.load_span(shape, i)
+        assert np.array_equal(x.reshape(-1)[offset:offset + count], part.reshape(-1))
+
+
+@pytest.mark.parametrize("spec,shape,n", [("transpose", (3, 4), 1), ({"split": {"dim": 1}}, (2, 6), 3),
+                                          ({"permute": [1, 0, 2]}, (2, 3, 4), 1)])
+def test_load_span_refuses_ops_that_move_elements(spec, shape, n):
+    chain = build_chain(spec, {}, 1, n)
+    assert all(chain.load_span(shape, i) is None for i in range(n))

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from ..errors import ClawError
 from ..families import Extras, Family, all_families
 from ..io import dtypes
 from ..io.dtypes import DType, as_numpy, cast, contiguous, dtype_of
-from ..io.readers import NpzStore, TensorInfo, TensorStore, read_npy_header
+from ..io.readers import NpzStore, TensorInfo, TensorStore
 from . import Checkpoint, Format, SourceOptions
 
 PREFIX = "params/"
@@ -105,7 +104,7 @@ class BigVisionStore(TensorStore):
         zinfo, shape, dtype, fortran = self.npz._members[member]
         if zinfo.compress_type == zipfile.ZIP_STORED and not fortran:
             if member not in self._row_offsets:
-                self._row_offsets[member] = (self._data_offset(zinfo), math.prod(shape[1:]) * dtype.itemsize)
+                self._row_offsets[member] = (self.npz.data_offset(zinfo), math.prod(shape[1:]) * dtype.itemsize)
             start, size = self._row_offsets[member]
             buf = np.empty(size, dtype=np.uint8)
             if os.preadv(self._file.fileno(), [memoryview(buf)], start + layer * size) != size:
@@ -114,17 +113,6 @@ class BigVisionStore(TensorStore):
         if self._cache is None or self._cache[0] != member:
             self._cache = (member, self.npz.read_numpy(member))
         return self._cache[1][layer]
-
-    def _data_offset(self, zinfo: zipfile.ZipInfo) -> int:
-        """Absolute offset of a stored member's array data: local zip header, then the .npy header."""
-        self._file.seek(zinfo.header_offset)
-        local = self._file.read(30)
-        if len(local) != 30 or local[:4] != b"PK\x03\x04":
-            raise ClawError(f"{self.path}: corrupt zip header for '{zinfo.filename}'")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        self._file.seek(zinfo.header_offset + 30 + name_len + extra_len)
-        read_npy_header(self._file)
-        return self._file.tell()
 
     def close(self) -> None:
         self._file.close()

@@ -19,8 +19,10 @@ import pickle
 import re
 import stat
 import sys
+import struct
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -612,6 +614,8 @@ class NpzStore(TensorStore):
 
     def _scan(self, members: list[zipfile.ZipInfo]) -> None:
         path = self.path
+        self._starts: dict[str, int] = {}
+        self._data_starts: dict[str, int] = {}
         self._members: dict[str, tuple[zipfile.ZipInfo, tuple, np.dtype, bool]] = {}
         seen: set[str] = set()
         for m in members:
@@ -651,16 +655,53 @@ class NpzStore(TensorStore):
 
     def read_numpy(self, name: str) -> np.ndarray:
         m, shape, dtype, fortran = self._members[self._file_names.get(name, name)]
-        with self._zip.open(m) as f:
-            read_npy_header(f)
-            nbytes = math.prod(shape) * dtype.itemsize
-            data = f.read(nbytes)
-        if len(data) != nbytes:
-            raise ClawError(f"{self.path}: member '{name}' is truncated")
-        arr = np.frombuffer(bytearray(data), dtype=dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if m.compress_type == zipfile.ZIP_STORED and not fortran:
+            arr = self._read_stored(m, nbytes)
+        else:
+            with self._zip.open(m) as f:
+                read_npy_header(f)
+                data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise ClawError(f"{self.path}: member '{name}' is truncated")
+            arr = np.frombuffer(bytearray(data), dtype=np.uint8)
+        arr = arr.view(dtype)
         if fortran:
             return arr.reshape(shape[::-1]).transpose()
         return arr.reshape(shape)
+
+    def _read_stored(self, m: zipfile.ZipInfo, nbytes: int) -> np.ndarray:
+        """An uncompressed member's data with one read into its final buffer, CRC-checked
+        (the member's CRC-32 covers its .npy header and data) as zipfile would."""
+        start = self.data_offset(m)
+        fd = self._zip.fp.fileno()
+        head = os.pread(fd, start - self._member_start(m), self._member_start(m))
+        buf = np.empty(nbytes, dtype=np.uint8)
+        if nbytes and os.preadv(fd, [memoryview(buf)], start) != nbytes:
+            raise ClawError(f"{self.path}: member '{m.filename}' is truncated")
+        if zlib.crc32(buf, zlib.crc32(head)) != m.CRC:
+            raise ClawError(f"{self.path}: member '{m.filename}' is corrupt (Bad CRC-32)")
+        return buf
+
+    def _member_start(self, m: zipfile.ZipInfo) -> int:
+        """Offset of a member's bytes (after its local zip header)."""
+        if m.filename not in self._starts:
+            local = os.pread(self._zip.fp.fileno(), 30, m.header_offset)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ClawError(f"{self.path}: corrupt zip header for '{m.filename}'")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            self._starts[m.filename] = m.header_offset + 30 + name_len + extra_len
+        return self._starts[m.filename]
+
+    def data_offset(self, m: zipfile.ZipInfo) -> int:
+        """Absolute offset of a stored member's array data: local zip header, then the .npy header."""
+        if m.filename not in self._data_starts:
+            begin = self._member_start(m)
+            with open(self.path, "rb") as f:
+                f.seek(begin)
+                read_npy_header(f)
+                self._data_starts[m.filename] = f.tell()
+        return self._data_starts[m.filename]
 
     def _read(self, name: str, info: TensorInfo) -> np.ndarray:
         arr = self.read_numpy(name)

@@ -55,8 +55,23 @@ def _read_json(path: Path) -> dict:
         raise ClawError(f"{path}: not valid JSON ({e.__class__.__name__})") from e
 
 
-def _effective_tie(base: Path) -> bool:
+# tie_word_embeddings of a config.json that leaves it out: its config class's default.  Read
+# from this table for common causal LMs, so a merge does not import transformers (4 s and
+# ~700 MiB with torch); tests/test_merge_lora.py checks it against transformers' classes.
+TIE_DEFAULTS = {
+    "llama": False, "mistral": False, "mixtral": False, "qwen2": False, "qwen2_moe": False, "qwen3": False,
+    "phi": False, "phi3": False, "stablelm": False, "gpt_neox": False, "granite": False, "olmo": False,
+    "olmo2": False, "gemma": True, "gemma2": True, "gemma3_text": True, "gpt2": True, "starcoder2": True,
+    "opt": True, "smollm3": True,
+}
+
+
+def _effective_tie(base: Path, config: dict) -> bool:
     """tie_word_embeddings as transformers applies it, class defaults included."""
+    if config.get("model_type") in TIE_DEFAULTS and "text_config" not in config:
+        value = config.get("tie_word_embeddings", TIE_DEFAULTS[config["model_type"]])
+        if isinstance(value, bool):
+            return value
     from transformers import AutoConfig
 
     try:
@@ -116,7 +131,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         if connector is not None and vision is None:
             raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
         text_config = dict((base_config.get("text_config") or {}) if is_llava else base_config)
-        tied = _effective_tie(base_path)
+        tied = _effective_tie(base_path, base_config)
         adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle)
         base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
         notes: list[str] = []
