@@ -127,15 +127,18 @@ class HFConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` content (``transformers_version`` at the top level only, as transformers saves it)."""
+        out = self._values()
+        version = _installed_transformers_version()
+        if version:
+            out["transformers_version"] = version
+        return out
+
+    def _values(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in self.__dict__.items():
             if k == "architectures" and v is None:
                 continue
-            out[k] = v.to_dict() if isinstance(v, HFConfig) else copy.deepcopy(v)
-        if self.schema.subs:
-            version = _installed_transformers_version()
-            if version:
-                out["transformers_version"] = version
+            out[k] = v._values() if isinstance(v, HFConfig) else copy.deepcopy(v)
         return out
 
     def to_json_string(self) -> str:
@@ -184,7 +187,7 @@ def from_dict(model_type: str, data: dict[str, Any] | None) -> HFConfig:
             raise ValueError(f"{model_type}: field '{attr}' must be an object (got {json.dumps(sub, default=str)[:60]})")
         if legacy is not None and not isinstance(legacy, dict):
             raise ValueError(f"{model_type}: field '{attr}_dict' must be an object")
-        sub = sub.to_dict() if isinstance(sub, HFConfig) else dict(sub or {})
+        sub = sub._values() if isinstance(sub, HFConfig) else dict(sub or {})
         values[attr] = from_dict(sub_type, {**sub, **(legacy or {})})
     derived = []
     for key, (kind, default) in schema.fields.items():
