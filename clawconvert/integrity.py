@@ -181,10 +181,8 @@ def check_config(family: Any, config: Any, store: Any, origin: Path | str) -> No
     except Exception as e:
         raise ClawError(f"{origin}: not a usable {family.name} config ({e.__class__.__name__}: {_first_line(e)})") from e
     walk(data, "")
-    from .verify import quiet  # transformers logs warnings about the values it is about to reject
     try:
-        with quiet():
-            family.canonical_shapes(config)
+        family.canonical_shapes(config)   # formulas over the config: no transformers (nor its warnings)
     except ClawError as e:
         raise (e if str(origin) in str(e) else ClawError(f"{origin}: {e}", e.details)) from e
     except Exception as e:  # transformers' constructors on nonsense values

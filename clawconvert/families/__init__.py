@@ -3,21 +3,24 @@
 Each module in this package defines one :class:`Family` instance named ``FAMILY``; they are
 found by discovery (:func:`all_families`), so adding a family is adding a module plus its
 tables in ``mappings/<family>/``, with no edits elsewhere.
+
+Nothing here imports torch, transformers, open_clip or timm on the conversion path: configs
+are :class:`clawconvert.hfconfig.HFConfig` objects and canonical shapes come from formulas
+(:class:`Shapes`); the frameworks are imported lazily by the hooks that need them
+(``hf_model_class``, ``meta_shapes``, ``--verify``).
 """
 from __future__ import annotations
 
 import sys
-import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from ..errors import ClawError
 from ..registry import discover, lookup
-from ..ops import Shape
+
+Shape = tuple[int, ...]   # as ops.Shape (ops imports torch in the old core)
 
 
 @dataclass
@@ -60,19 +63,37 @@ class Family:
 
     # -- canonical config --------------------------------------------------------------
     def config_from_dict(self, data: dict) -> Any:
+        """``config.json`` content -> canonical config (an :class:`~clawconvert.hfconfig.HFConfig`)."""
+        from ..hfconfig import from_dict
+        return from_dict(self.hf_model_types[0], data)
+
+    def hf_architecture(self, config: Any) -> str:
+        """The transformers class name of the whole model (``config.json``'s ``architectures``)."""
         raise NotImplementedError
 
     def hf_model_class(self, config: Any) -> type:
-        raise NotImplementedError
+        """The transformers class itself (imports transformers, hence torch)."""
+        import transformers
+        return getattr(transformers, self.hf_architecture(config))
 
     def params(self, config: Any) -> dict[str, Any]:
         """Counts and strings the tables' placeholders and op sizes refer to."""
         raise NotImplementedError
 
     def canonical_shapes(self, config: Any) -> dict[str, Shape]:
-        """Every canonical tensor and its shape, from the transformers model on ``meta``."""
-        return _meta_shapes(self.hf_model_class(config), json.dumps(config.to_dict(), sort_keys=True, default=str),
-                            type(config))
+        """Every canonical tensor and its shape, in the order of the transformers model's state dict,
+        from formulas over the config (:meth:`meta_shapes` builds the real model; tests compare them)."""
+        raise NotImplementedError
+
+    def meta_shapes(self, config: Any) -> dict[str, Shape]:
+        """The transformers model's own state-dict shapes, built on ``meta`` (imports torch + transformers)."""
+        import torch
+
+        from ..verify import quiet
+        tcfg = config.to_transformers() if hasattr(config, "to_transformers") else config
+        with quiet(), torch.device("meta"):
+            model = self.hf_model_class(config)(tcfg)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     def codec(self, fmt: str) -> FormatCodec:
         if fmt not in self.codecs:
@@ -108,9 +129,14 @@ class Family:
         """The transformers config of one tower alone (e.g. ``CLIPVisionConfig``)."""
         raise ClawError(f"the {self.name} family cannot cut out its {tower} tower")
 
-    def tower_model_class(self, tower: str, with_projection: bool) -> type:
-        """The transformers class that loads one tower (e.g. ``CLIPVisionModelWithProjection``)."""
+    def tower_architecture(self, tower: str, with_projection: bool) -> str:
+        """The transformers class name that loads one tower (e.g. ``CLIPVisionModelWithProjection``)."""
         raise ClawError(f"the {self.name} family cannot cut out its {tower} tower")
+
+    def tower_model_class(self, tower: str, with_projection: bool) -> type:
+        """The transformers class that loads one tower (imports transformers, hence torch)."""
+        import transformers
+        return getattr(transformers, self.tower_architecture(tower, with_projection))
 
     def write_hf_tower_extras(self, out_dir: Path, config: Any, extras: Extras, tower: str) -> list[str]:
         """Write the side files one HF tower needs (image processor / tokenizer); return notes."""
@@ -133,12 +159,54 @@ def custom_block_blockers(cfg_key: str, tower: str) -> list[tuple[str, str, Any,
     ]
 
 
-@lru_cache(maxsize=32)
-def _meta_shapes(model_cls: type, config_json: str, config_cls: type) -> dict[str, Shape]:
-    config = config_cls.from_dict(json.loads(config_json))
-    with torch.device("meta"):
-        model = model_cls(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+class Shapes(dict):
+    """Builds a transformers state dict's ``{name: shape}`` in module order, checking every size the
+    way the transformers constructors would (a negative size, heads that do not divide the width)."""
+
+    def add(self, name: str, shape: tuple) -> None:
+        for d in shape:
+            if not isinstance(d, int) or isinstance(d, bool):
+                raise TypeError(f"{name}: size {d!r} is not an integer")
+            if d < 0:
+                raise ValueError(f"{name}: negative size {d} in {shape}")
+        self[name] = tuple(shape)
+
+    def linear(self, name: str, out: int, inp: int, bias: bool = True) -> None:
+        self.add(f"{name}.weight", (out, inp))
+        if bias:
+            self.add(f"{name}.bias", (out,))
+
+    def norm(self, name: str, width: int) -> None:
+        self.add(f"{name}.weight", (width,))
+        self.add(f"{name}.bias", (width,))
+
+    def attention(self, name: str, width: int, heads: int) -> None:
+        """CLIP/SigLIP attention: k, v, q, out projections, all with biases."""
+        if (width // heads) * heads != width:
+            raise ValueError(f"{name}: embed_dim {width} must be divisible by num_heads {heads}")
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            self.linear(f"{name}.{proj}", width, width)
+
+    def mlp(self, name: str, width: int, inner: int) -> None:
+        self.linear(f"{name}.fc1", inner, width)
+        self.linear(f"{name}.fc2", width, inner)
+
+    def encoder(self, prefix: str, cfg: Any, norm_first: bool) -> None:
+        """``num_hidden_layers`` encoder layers: CLIP's module order (attention, norm1, mlp, norm2) or
+        SigLIP's (norm1, attention, norm2, mlp); both compute pre-norm."""
+        width, heads, inner = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
+        for i in range(cfg.num_hidden_layers):
+            p = f"{prefix}.layers.{i}"
+            if norm_first:
+                self.norm(f"{p}.layer_norm1", width)
+                self.attention(f"{p}.self_attn", width, heads)
+                self.norm(f"{p}.layer_norm2", width)
+                self.mlp(f"{p}.mlp", width, inner)
+            else:
+                self.attention(f"{p}.self_attn", width, heads)
+                self.norm(f"{p}.layer_norm1", width)
+                self.mlp(f"{p}.mlp", width, inner)
+                self.norm(f"{p}.layer_norm2", width)
 
 
 @lru_cache(maxsize=None)

@@ -29,11 +29,12 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClawError
-from . import Extras, Family, FormatCodec, custom_block_blockers
+from . import Extras, Family, FormatCodec, Shapes, custom_block_blockers
 
 CLIP_BPE_VOCAB = 49408
 CLIP_EOT = 49407
@@ -97,8 +98,9 @@ def _eps(tower_cfg: dict) -> float:
 
 
 def openclip_to_config(model_cfg: dict):
-    """OpenCLIP ``model_cfg`` -> ``CLIPConfig`` (raises ClawError when not representable)."""
-    from transformers import CLIPConfig
+    """OpenCLIP ``model_cfg`` -> a ``CLIPConfig``-like :class:`~clawconvert.hfconfig.HFConfig`
+    (raises ClawError when not representable)."""
+    from ..hfconfig import make
 
     _check_representable(model_cfg)
     v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
@@ -128,7 +130,7 @@ def openclip_to_config(model_cfg: dict):
                 layer_norm_eps=_eps(t), projection_dim=E,
                 pad_token_id=CLIP_EOT if vocab == CLIP_BPE_VOCAB else int(t.get("pad_id", 0)),
                 bos_token_id=CLIP_BOS if vocab == CLIP_BPE_VOCAB else 0, eos_token_id=eos)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=E)
+    return make("clip", text_config=text, vision_config=vision, projection_dim=E)
 
 
 def _mlp_ratio(width: int, intermediate: int) -> float:
@@ -177,13 +179,19 @@ def claims_openclip(model_cfg: dict) -> bool:
 # HF side files: preprocessor_config.json and the CLIP BPE tokenizer, built offline
 # ------------------------------------------------------------------------------------
 _INTERPOLATION = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}
+# open_clip.constants.OPENAI_DATASET_MEAN / _STD (tests/test_hfconfig.py compares them)
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A JSON side file the way transformers' ``save_pretrained`` writes it (sorted, indent 2)."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_preprocessor(out_dir: Path, image_size: int, preprocess: dict) -> list[str]:
-    from transformers import CLIPImageProcessor
-
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
+    """``preprocessor_config.json`` of a ``CLIPImageProcessor`` (what its ``save_pretrained`` writes)."""
     notes = []
     mode = preprocess.get("resize_mode", "shortest")
     if mode == "longest":
@@ -191,48 +199,91 @@ def write_preprocessor(out_dir: Path, image_size: int, preprocess: dict) -> list
                      "wrote shortest-edge resize + center crop")
     interp = preprocess.get("interpolation", "bicubic")
     squash = mode == "squash"
-    proc = CLIPImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size} if squash else {"shortest_edge": image_size},
-        resample=_INTERPOLATION.get(interp, 3), do_center_crop=not squash,
-        crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=list(preprocess.get("mean", OPENAI_DATASET_MEAN)),
-        image_std=list(preprocess.get("std", OPENAI_DATASET_STD)), do_convert_rgb=True)
-    proc.save_pretrained(str(out_dir))
+    write_json(Path(out_dir) / "preprocessor_config.json", {
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_center_crop": not squash, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+        "do_resize": True, "image_mean": list(preprocess.get("mean", OPENAI_DATASET_MEAN)),
+        "image_processor_type": "CLIPImageProcessor", "image_std": list(preprocess.get("std", OPENAI_DATASET_STD)),
+        "resample": _INTERPOLATION.get(interp, 3), "rescale_factor": 1 / 255,
+        "size": {"height": image_size, "width": image_size} if squash else {"shortest_edge": image_size}})
     return notes
 
 
-def clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
-    """vocab.json + merges.txt from open_clip's shipped BPE file, the way its tokenizer builds them."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+def open_clip_dir() -> Path:
+    """open_clip's installed package directory, found without importing open_clip (torch)."""
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ClawError("open_clip is not installed: its BPE vocabulary and model configs are read from it")
+    return Path(list(spec.submodule_search_locations)[0])
 
-    with gzip.open(default_bpe()) as f:
+
+def bytes_to_unicode() -> dict[int, str]:
+    """open_clip's (and OpenAI's) reversible byte -> printable character table of the CLIP BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2 ** 8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2 ** 8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+@lru_cache(maxsize=1)
+def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The CLIP BPE vocabulary and merges from open_clip's shipped file, the way its tokenizer builds them."""
+    with gzip.open(open_clip_dir() / "bpe_simple_vocab_16e6.txt.gz") as f:
         merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(p) for p in pairs] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(p) for p in pairs] + [BOS_TOKEN, EOS_TOKEN]
+    return {tok: i for i, tok in enumerate(vocab)}, pairs
+
+
+def clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
+    """vocab.json + merges.txt from open_clip's shipped BPE file."""
+    vocab, pairs = clip_bpe()
     vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
-    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False))
     merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n")
     return vocab_file, merges_file
 
 
+def clip_backend_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
+    """The ``tokenizers`` pipeline transformers' ``CLIPTokenizer`` builds (no torch needed)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS_TOKEN))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS_TOKEN, EOS_TOKEN)])
+    tok.post_processor = processors.RobertaProcessing((EOS_TOKEN, vocab[EOS_TOKEN]), (BOS_TOKEN, vocab[BOS_TOKEN]),
+                                                      trim_offsets=False, add_prefix_space=False)
+    return tok
+
+
 def write_clip_tokenizer(out_dir: Path, context_length: int) -> None:
-    from transformers import CLIPTokenizer
-
-    import inspect
-
+    """The CLIP BPE tokenizer as transformers 5 saves a ``CLIPTokenizer``: tokenizer.json (fast),
+    tokenizer_config.json, and vocab.json + merges.txt for slow/legacy loaders."""
+    out_dir = Path(out_dir)
     vocab_file, merges_file = clip_bpe_files(out_dir)
+    vocab, pairs = clip_bpe()
+    clip_backend_tokenizer(vocab, pairs).save(str(out_dir / "tokenizer.json"))
     # pad with EOT like OpenAI's own HF tokenizers: "!" (open_clip's pad id 0) would be matched
     # as a special token inside text and change the ids of any "!"; padding after EOT never
     # changes the outputs (causal attention, pooling at the first EOT)
-    kw = dict(pad_token="<|endoftext|>", model_max_length=context_length)
-    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers 4.x
-        tok = CLIPTokenizer(vocab_file=str(vocab_file), merges_file=str(merges_file), **kw)
-    else:  # transformers 5: vocab dict + merge list
-        tok = CLIPTokenizer(vocab=json.loads(vocab_file.read_text()),
-                            merges=[tuple(m.split()) for m in merges_file.read_text().splitlines()[1:] if m], **kw)
-    tok.save_pretrained(str(out_dir))
+    write_json(out_dir / "tokenizer_config.json", {
+        "backend": "tokenizers", "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "model_max_length": context_length,
+        "pad_token": EOS_TOKEN, "tokenizer_class": "CLIPTokenizer", "unk_token": EOS_TOKEN})
 
 
 def read_hf_preprocess(src_dir: Path) -> dict:
@@ -273,13 +324,30 @@ class ClipFamily(Family):
         super().__init__()
         self.codecs["openclip"] = FormatCodec(read=openclip_to_config, write=config_to_openclip, claims=claims_openclip)
 
-    def config_from_dict(self, data: dict):
-        from transformers import CLIPConfig
-        return CLIPConfig.from_dict(data)
+    def hf_architecture(self, config) -> str:
+        return "CLIPModel"
 
-    def hf_model_class(self, config):
-        from transformers import CLIPModel
-        return CLIPModel
+    def canonical_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        """``CLIPModel``'s state dict, from the config (tests compare it with the model on ``meta``)."""
+        t, v = config.text_config, config.vision_config
+        T, D = t.hidden_size, v.hidden_size
+        P = v.patch_size
+        grid = v.image_size // v.patch_size
+        s = Shapes()
+        s.add("logit_scale", ())
+        s.add("text_model.embeddings.token_embedding.weight", (t.vocab_size, T))
+        s.add("text_model.embeddings.position_embedding.weight", (t.max_position_embeddings, T))
+        s.encoder("text_model.encoder", t, norm_first=False)
+        s.norm("text_model.final_layer_norm", T)
+        s.add("vision_model.embeddings.class_embedding", (D,))
+        s.add("vision_model.embeddings.patch_embedding.weight", (D, v.num_channels, P, P))
+        s.add("vision_model.embeddings.position_embedding.weight", (grid * grid + 1, D))
+        s.norm("vision_model.pre_layrnorm", D)
+        s.encoder("vision_model.encoder", v, norm_first=False)
+        s.norm("vision_model.post_layernorm", D)
+        s.linear("visual_projection", config.projection_dim, D, bias=False)
+        s.linear("text_projection", config.projection_dim, T, bias=False)
+        return dict(s)
 
     def params(self, config) -> dict[str, Any]:
         return {"vision_layers": config.vision_config.num_hidden_layers,
@@ -298,10 +366,9 @@ class ClipFamily(Family):
         sub.projection_dim = config.projection_dim   # the *WithProjection classes read it here
         return sub
 
-    def tower_model_class(self, tower: str, with_projection: bool) -> type:
-        import transformers
+    def tower_architecture(self, tower: str, with_projection: bool) -> str:
         name = {"visual": "CLIPVisionModel", "text": "CLIPTextModel"}[tower]
-        return getattr(transformers, name + ("WithProjection" if with_projection else ""))
+        return name + ("WithProjection" if with_projection else "")
 
     def write_hf_tower_extras(self, out_dir: Path, config, extras: Extras, tower: str) -> list[str]:
         if tower == "visual":

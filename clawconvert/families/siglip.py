@@ -43,8 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClawError
-from . import Extras, Family, FormatCodec, custom_block_blockers
-from .clip import _mlp_ratio, copy_tokenizer
+import numpy as np
+
+from . import Extras, Family, FormatCodec, Shapes, custom_block_blockers
+from .clip import _mlp_ratio, copy_tokenizer, write_json
 
 SIGLIP_EPS = 1e-6
 # a Python-side flag on the text config: the model has no text head (identity in HF). It is
@@ -108,7 +110,7 @@ def is_siglip2_vocab(vocab_size: int) -> bool:
 def _shape(store, key: str, rank: int | None = None) -> tuple[int, ...]:
     if key not in store:
         raise ClawError(f"{store.path}: not a complete big_vision SigLIP: tensor '{key}' is missing")
-    shape = store.info(key).shape
+    shape = tuple(int(d) for d in store.info(key).shape)
     if rank is not None and len(shape) != rank:
         raise ClawError(f"{store.path}: '{key}' has shape {shape}; a SigLIP checkpoint has a {rank}-d tensor there")
     return shape
@@ -176,8 +178,8 @@ def _mark(config, text_head: bool, logit_bias: bool):
 
 
 def read_big_vision(store):
-    """big_vision tensor shapes -> ``SiglipConfig`` (fixed-resolution SigLIP / SigLIP 2)."""
-    from transformers import SiglipConfig
+    """big_vision tensor shapes -> a ``SiglipConfig``-like HFConfig (fixed-resolution SigLIP / SigLIP 2)."""
+    from ..hfconfig import make
 
     _check_towers(store)
     enc = _encoder(store, "img/Transformer/", "image")
@@ -199,7 +201,7 @@ def read_big_vision(store):
     text, has_head = read_text_tower(store)
     _check_joint(store, d, text, has_head)
     text.update(token_ids(text["vocab_size"]))
-    config = SiglipConfig(text_config=text, vision_config=vision)
+    config = make("siglip", text_config=text, vision_config=vision)
     return _mark(config, has_head, "b" in store)
 
 
@@ -367,8 +369,8 @@ def _refuse(where: str, value: Any, why: str) -> ClawError:
 
 
 def openclip_to_config(model_cfg: dict):
-    """OpenCLIP SigLIP ``model_cfg`` -> ``SiglipConfig`` (raises ClawError when not representable)."""
-    from transformers import SiglipConfig
+    """OpenCLIP SigLIP ``model_cfg`` -> a ``SiglipConfig``-like HFConfig (raises ClawError when not representable)."""
+    from ..hfconfig import make
 
     for tower, option, blocks, why in BLOCKERS:
         part = model_cfg.get(tower, {}) if tower else model_cfg
@@ -412,7 +414,7 @@ def openclip_to_config(model_cfg: dict):
     vision = dict(hidden_size=arch.width, intermediate_size=arch.mlp, num_hidden_layers=arch.depth,
                   num_attention_heads=arch.heads, image_size=arch.image, patch_size=arch.patch, num_channels=3,
                   hidden_act=arch.act, layer_norm_eps=arch.eps)
-    config = SiglipConfig(text_config=text, vision_config=vision)
+    config = make("siglip", text_config=text, vision_config=vision)
     return _mark(config, text_head, model_cfg.get("init_logit_bias") is not None)
 
 
@@ -518,13 +520,8 @@ class SiglipFamily(Family):
         self.codecs["big_vision"] = FormatCodec(read=read_big_vision, write=lambda config: {},
                                                 claims=claims_big_vision)
 
-    def config_from_dict(self, data: dict):
-        from transformers import SiglipConfig
-        return SiglipConfig.from_dict(data)
-
-    def hf_model_class(self, config):
-        from transformers import SiglipModel
-        return SiglipModel
+    def hf_architecture(self, config) -> str:
+        return "SiglipModel"
 
     def params(self, config) -> dict[str, Any]:
         v, t = config.vision_config, config.text_config
@@ -533,10 +530,12 @@ class SiglipFamily(Family):
                 "TD": t.hidden_size, "TH": t.num_attention_heads, "Thd": t.hidden_size // t.num_attention_heads,
                 "E": t.projection_size, "text_head": has_text_head(config), "logit_bias": has_logit_bias(config)}
 
-    def canonical_shapes(self, config):
-        from ..verify import quiet
-        with quiet():  # transformers warns about its own default sub-config while rebuilding ours
-            return super().canonical_shapes(config)
+    def canonical_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        """``SiglipModel``'s state dict, from the config (tests compare it with the model on ``meta``)."""
+        v = config.vision_config
+        grid = v.image_size // v.patch_size
+        return siglip_shapes(config, patch_embedding=(v.hidden_size, v.num_channels, v.patch_size, v.patch_size),
+                             positions=grid * grid)
 
     def is_siglip2(self, config) -> bool:
         return is_siglip2_vocab(config.text_config.vocab_size)
@@ -544,12 +543,11 @@ class SiglipFamily(Family):
     def refine(self, ckpt) -> None:
         """HF checkpoints: an identity text head means "no head" (i18n So400m); SigLIP preprocessing defaults."""
         if ckpt.format == "hf":
-            import torch
             store, t = ckpt.store, ckpt.config.text_config
             w, b = "text_model.head.weight", "text_model.head.bias"
-            identity = (w in store and b in store and store.info(w).shape == (t.hidden_size, t.hidden_size)
-                        and torch.equal(store.read(w).float(), torch.eye(t.hidden_size))
-                        and not store.read(b).float().any())
+            identity = (w in store and b in store and tuple(store.info(w).shape) == (t.hidden_size, t.hidden_size)
+                        and np.array_equal(_as_float32(store.read(w)), np.eye(t.hidden_size, dtype=np.float32))
+                        and not _as_float32(store.read(b)).any())
             setattr(t, NO_TEXT_HEAD, identity)
             setattr(t, NO_LOGIT_BIAS, False)
             pre = dict(ckpt.extras.preprocess)
@@ -588,21 +586,57 @@ class SiglipFamily(Family):
     def tower_config(self, config, tower: str):
         return tower_config(config, tower)
 
-    def tower_model_class(self, tower: str, with_projection: bool) -> type:
-        import transformers
-        return getattr(transformers, {"visual": "SiglipVisionModel", "text": "SiglipTextModel"}[tower])
+    def tower_architecture(self, tower: str, with_projection: bool) -> str:
+        return {"visual": "SiglipVisionModel", "text": "SiglipTextModel"}[tower]
 
     def write_hf_tower_extras(self, out_dir: Path, config, extras: Extras, tower: str) -> list[str]:
         if tower == "text":
             return write_tokenizer(out_dir, config.text_config.vocab_size, extras)
-        from transformers import SiglipImageProcessor
         pre = {**siglip_preprocess(self.is_siglip2(config)), **extras.preprocess}
         size = config.vision_config.image_size
-        SiglipImageProcessor(do_resize=True, size={"height": size, "width": size},
-                             resample=_RESAMPLE.get(pre["interpolation"], 3), do_rescale=True, rescale_factor=1 / 255,
-                             do_normalize=True, image_mean=list(pre["mean"]), image_std=list(pre["std"])
-                             ).save_pretrained(str(out_dir))
+        # what SiglipImageProcessor(...).save_pretrained writes
+        write_json(Path(out_dir) / "preprocessor_config.json", {
+            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "image_mean": list(pre["mean"]), "image_processor_type": "SiglipImageProcessor",
+            "image_std": list(pre["std"]), "resample": _RESAMPLE.get(pre["interpolation"], 3),
+            "rescale_factor": 1 / 255, "size": {"height": size, "width": size}})
         return []
+
+
+def _as_float32(x):
+    if hasattr(x, "detach"):  # torch tensor (old core)
+        x = x.detach().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def siglip_shapes(config, patch_embedding: tuple[int, ...], positions: int) -> dict[str, tuple[int, ...]]:
+    """``SiglipModel`` / ``Siglip2Model`` state dicts: they differ only in the patch embedding's
+    weight shape (a convolution / a Dense over flattened patches) and the position count."""
+    t, v = config.text_config, config.vision_config
+    T, D = t.hidden_size, v.hidden_size
+    s = Shapes()
+    s.add("logit_scale", (1,))
+    s.add("logit_bias", (1,))
+    s.add("text_model.embeddings.token_embedding.weight", (t.vocab_size, T))
+    s.add("text_model.embeddings.position_embedding.weight", (t.max_position_embeddings, T))
+    s.encoder("text_model.encoder", t, norm_first=True)
+    s.norm("text_model.final_layer_norm", T)
+    s.linear("text_model.head", t.projection_size, T)   # always there: an identity when the model has none
+    s.add("vision_model.embeddings.patch_embedding.weight", patch_embedding)
+    s.add("vision_model.embeddings.patch_embedding.bias", (D,))
+    s.add("vision_model.embeddings.position_embedding.weight", (positions, D))
+    s.encoder("vision_model.encoder", v, norm_first=True)
+    s.norm("vision_model.post_layernorm", D)
+    if getattr(v, "vision_use_head", True):   # the MAP head: probe, torch MultiheadAttention, norm, MLP
+        if (D // v.num_attention_heads) * v.num_attention_heads != D:
+            raise ValueError(f"vision_model.head: embed_dim {D} must be divisible by num_heads {v.num_attention_heads}")
+        s.add("vision_model.head.probe", (1, 1, D))
+        s.add("vision_model.head.attention.in_proj_weight", (3 * D, D))
+        s.add("vision_model.head.attention.in_proj_bias", (3 * D,))
+        s.linear("vision_model.head.attention.out_proj", D, D)
+        s.norm("vision_model.head.layernorm", D)
+        s.mlp("vision_model.head.mlp", D, v.intermediate_size)
+    return dict(s)
 
 
 def tower_config(config, tower: str):

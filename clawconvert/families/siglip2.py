@@ -23,12 +23,13 @@ from typing import Any
 from ..errors import ClawError
 from . import Extras, Family, FormatCodec
 from .siglip import (GELU_TANH, SIGLIP_EPS, SiglipFamily, _check_joint, _check_towers, _encoder, _mark, _shape,
-                     read_text_tower, siglip_preprocess, token_ids, write_tokenizer)
+                     read_text_tower, siglip_preprocess, siglip_shapes, token_ids, write_tokenizer)
+from .clip import write_json
 
 
 def read_big_vision(store):
-    """big_vision NaFlex tensor shapes -> ``Siglip2Config``."""
-    from transformers import Siglip2Config
+    """big_vision NaFlex tensor shapes -> a ``Siglip2Config``-like HFConfig."""
+    from ..hfconfig import make
 
     _check_towers(store)
     enc = _encoder(store, "img/Transformer/", "image")
@@ -50,7 +51,7 @@ def read_big_vision(store):
     text, has_head = read_text_tower(store)
     _check_joint(store, d, text, has_head)
     text.update(token_ids(text["vocab_size"], siglip2=True))
-    return _mark(Siglip2Config(text_config=text, vision_config=vision), has_head, "b" in store)
+    return _mark(make("siglip2", text_config=text, vision_config=vision), has_head, "b" in store)
 
 
 def claims_big_vision(store) -> bool:
@@ -71,18 +72,14 @@ class Siglip2Family(Family):
         self.codecs["big_vision"] = FormatCodec(read=read_big_vision, write=lambda config: {}, claims=claims_big_vision)
         self.codecs["openclip"] = FormatCodec(read=_no_openclip, write=_no_openclip)
 
-    def config_from_dict(self, data: dict):
-        from transformers import Siglip2Config
-        return Siglip2Config.from_dict(data)
+    def hf_architecture(self, config) -> str:
+        return "Siglip2Model"
 
-    def hf_model_class(self, config):
-        from transformers import Siglip2Model
-        return Siglip2Model
-
-    def canonical_shapes(self, config):
-        from ..verify import quiet
-        with quiet():  # transformers warns about its own default sub-config while rebuilding ours
-            return super().canonical_shapes(config)
+    def canonical_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        """``Siglip2Model``'s state dict, from the config (tests compare it with the model on ``meta``)."""
+        v = config.vision_config
+        return siglip_shapes(config, patch_embedding=(v.hidden_size, v.num_channels * v.patch_size * v.patch_size),
+                             positions=v.num_patches)
 
     def params(self, config) -> dict[str, Any]:
         from .siglip import FAMILY as SIGLIP
@@ -126,20 +123,20 @@ class Siglip2Family(Family):
     write_hf_extras = SiglipFamily.write_hf_extras
     tower_config = SiglipFamily.tower_config
 
-    def tower_model_class(self, tower: str, with_projection: bool) -> type:
-        import transformers
-        return getattr(transformers, {"visual": "Siglip2VisionModel", "text": "Siglip2TextModel"}[tower])
+    def tower_architecture(self, tower: str, with_projection: bool) -> str:
+        return {"visual": "Siglip2VisionModel", "text": "Siglip2TextModel"}[tower]
 
     def write_hf_tower_extras(self, out_dir: Path, config, extras: Extras, tower: str) -> list[str]:
         if tower == "text":
             return write_tokenizer(out_dir, config.text_config.vocab_size, extras)
-        from transformers import Siglip2ImageProcessor
         pre = {**siglip_preprocess(True), **extras.preprocess}
         v = config.vision_config
-        Siglip2ImageProcessor(do_resize=True, patch_size=v.patch_size, max_num_patches=v.num_patches,
-                              resample={"bicubic": 3, "bilinear": 2}.get(pre["interpolation"], 2), do_rescale=True,
-                              rescale_factor=1 / 255, do_normalize=True, image_mean=list(pre["mean"]),
-                              image_std=list(pre["std"])).save_pretrained(str(out_dir))
+        # what Siglip2ImageProcessor(...).save_pretrained writes
+        write_json(Path(out_dir) / "preprocessor_config.json", {
+            "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(pre["mean"]),
+            "image_processor_type": "Siglip2ImageProcessor", "image_std": list(pre["std"]),
+            "max_num_patches": v.num_patches, "patch_size": v.patch_size,
+            "resample": {"bicubic": 3, "bilinear": 2}.get(pre["interpolation"], 2), "rescale_factor": 1 / 255})
         return []
 
 def _ids(config, batch: int, seed: int):

@@ -1,7 +1,7 @@
 """Hugging Face transformers layout: ``config.json`` + ``model.safetensors`` (or shards).
 
 Detected by a ``config.json`` whose ``model_type`` a family owns.  Written with the
-family's config class, sharded safetensors with an HF index, and the family's
+family's config (:class:`~clawconvert.hfconfig.HFConfig`, no transformers import), sharded safetensors with an HF index, and the family's
 preprocessor/tokenizer files.
 """
 from __future__ import annotations
@@ -50,11 +50,9 @@ class HFFormat(Format):
             family = family_for_hf_model_type(str(data.get("model_type")))
         except ClawError as e:
             raise ClawError(f"{cfg_path}: {e}") from e
-        from ..verify import quiet  # transformers logs about odd values; a bad one is refused below, in one line
         try:
-            with quiet():
-                config = family.config_from_dict(data)
-        except Exception as e:  # transformers raises many kinds on bad configs
+            config = family.config_from_dict(data)
+        except Exception as e:  # wrong types, heads that do not divide the width ...: one line
             first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
             raise ClawError(f"{cfg_path}: not a valid {str(data.get('model_type'))[:40]} config ({first})") from e
         store = open_tensors(path, unsafe_pickle=options.unsafe_pickle, prefer=HF_WEIGHTS)
@@ -67,7 +65,7 @@ class HFFormat(Format):
         return Checkpoint(path, self.name, family, config, store, extras)
 
     def write_side_files(self, out_dir: Path, family: Family, config: Any, extras: Extras) -> list[str]:
-        config.architectures = [family.hf_model_class(config).__name__]
+        config.architectures = [family.hf_architecture(config)]
         config.save_pretrained(str(out_dir))
         return family.write_hf_extras(out_dir, config, extras)
 

@@ -9,8 +9,11 @@ checkpoints included) with ``--model-name`` (a built-in open_clip config) or
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import json
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +37,33 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def builtin_model_config(name: str) -> dict:
-    import open_clip
+def _natural_key(name: str) -> list:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name.lower())]
 
-    cfg = open_clip.get_model_config(name)
+
+@lru_cache(maxsize=1)
+def builtin_model_configs() -> dict[str, dict]:
+    """open_clip's built-in model configs (``open_clip/model_configs/*.json``), read by path the way
+    ``open_clip.factory`` scans them, without importing open_clip (torch)."""
+    from ..families.clip import open_clip_dir
+    found = {}
+    for f in (open_clip_dir() / "model_configs").glob("*.json"):
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+        if all(a in cfg for a in ("embed_dim", "vision_cfg", "text_cfg")):
+            found[f.stem] = cfg
+    return {k: found[k] for k in sorted(found, key=_natural_key)}
+
+
+def builtin_model_config(name: str) -> dict:
+    if ":" in name:  # hf-hub:ORG/REPO, local-dir:PATH: open_clip's own resolution
+        import open_clip
+        cfg = open_clip.get_model_config(name)
+        names = open_clip.list_models()
+    else:
+        configs = builtin_model_configs()
+        cfg, names = copy.deepcopy(configs.get(name)), list(configs)
     if cfg is None:
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        close = difflib.get_close_matches(name, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ClawError(f"unknown open_clip model name '{name}'{hint}")
     return cfg
@@ -119,7 +143,7 @@ class OpenClipFormat(Format):
         return {"text_prefix": "text." if model_cfg.get("custom_text") else ""}
 
     def write_side_files(self, out_dir: Path, family: Family, config: Any, extras: Extras) -> list[str]:
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        from ..families.clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
         model_cfg = family.codec(self.name).write(config)
         preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),

@@ -196,7 +196,7 @@ def _nbytes(shape, dtype) -> int:
 # ------------------------------------------------------------------------------------
 def _class_name(family, tower: str, to: str, with_projection: bool, arch: str | None) -> str:
     if to == "hf":
-        return family.tower_model_class(tower, with_projection).__name__
+        return family.tower_architecture(tower, with_projection)
     if to == "timm":
         return str(arch)
     return "open_clip " + ("VisionTransformer" if tower == "visual" else "TextTransformer")
@@ -207,7 +207,7 @@ def _write_side_files(out: Path, ckpt: Checkpoint, tower: str, to: str, with_pro
     family, config = ckpt.family, ckpt.config
     if to == "hf":
         tcfg = family.tower_config(config, tower)
-        tcfg.architectures = [family.tower_model_class(tower, with_projection).__name__]
+        tcfg.architectures = [family.tower_architecture(tower, with_projection)]
         tcfg.save_pretrained(str(out))
         return family.write_hf_tower_extras(out, config, ckpt.extras, tower)
     if to == "timm":
@@ -235,7 +235,7 @@ def openclip_load_lines(tower: str, out_dir: Path) -> list[str]:
 def _load_lines(family, tower: str, to: str, with_projection: bool, arch: str | None, num_classes: int,
                 dest: Path) -> list[str]:
     if to == "hf":
-        cls = family.tower_model_class(tower, with_projection).__name__
+        cls = family.tower_architecture(tower, with_projection)
         return [f"from transformers import {cls}", f"model = {cls}.from_pretrained({str(dest)!r})"]
     if to == "timm":
         from . import timm_towers
