@@ -26,7 +26,6 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file

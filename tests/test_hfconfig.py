@@ -335,3 +335,11 @@ def test_openclip_format_reads_builtin_configs_without_open_clip():
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_timm_siglip_table_matches_the_installed_timm():
+    """mappings/siglip/timm_archs.yaml (read instead of importing timm) is what timm builds."""
+    from clawconvert.families.siglip import _known_archs, scan_timm_archs
+
+    scanned = {a.name: a for a in scan_timm_archs()}
+    assert scanned == _known_archs(), "regenerate it: python tools/make_timm_archs.py"

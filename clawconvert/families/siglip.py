@@ -276,8 +276,8 @@ def _arch_from(name: str, model, depth: int | None) -> TimmArch | None:
                     block.mlp.fc1.out_features, patch, img, _act_name(block.mlp.act), float(model.norm.eps))
 
 
-@lru_cache(maxsize=None)
-def timm_arch(name: str) -> TimmArch | None:
+def _scan_timm_arch(name: str) -> TimmArch | None:
+    """Build one timm model on ``meta`` and read its SigLIP shape (imports timm and torch)."""
     try:
         model = _timm_model(name)
     except Exception as e:  # an unknown or broken name
@@ -285,19 +285,52 @@ def timm_arch(name: str) -> TimmArch | None:
     return _arch_from(name, model, None)
 
 
-@lru_cache(maxsize=1)
-def _shallow_archs() -> tuple[TimmArch, ...]:
-    """Every registered timm SigLIP ViT with a MAP head, built one layer deep on ``meta`` (fast)."""
+def scan_timm_archs() -> tuple[TimmArch, ...]:
+    """Every registered timm SigLIP ViT with a MAP head, as the installed timm builds it.
+
+    The conversion path reads the same facts from ``mappings/siglip/timm_archs.yaml`` (written
+    by ``tools/make_timm_archs.py``; ``tests/test_hfconfig.py`` checks it against timm), so
+    converting does not import timm and torch."""
     import timm
     out = []
     for name in timm.list_models("vit_*siglip*"):
         try:
-            arch = _arch_from(name, _timm_model(name, depth=1), depth=-1)
+            shallow = _arch_from(name, _timm_model(name, depth=1), depth=-1)
         except Exception:  # an entry point that does not take depth: skip it
             continue
-        if arch is not None:
-            out.append(arch)
+        if shallow is not None:
+            arch = _scan_timm_arch(name)
+            if arch is not None:
+                out.append(arch)
     return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def _known_archs() -> dict[str, TimmArch]:
+    from importlib import resources
+
+    import yaml
+    text = resources.files("clawconvert.mappings").joinpath("siglip/timm_archs.yaml").read_text()
+    rows = yaml.safe_load(text)["architectures"]
+    return {r["name"]: TimmArch(**r) for r in rows}
+
+
+def timm_arch(name: str) -> TimmArch | None:
+    """The SigLIP shape of a timm architecture: from the shipped table, or from timm itself for
+    a name the table does not know (a newer timm)."""
+    known = _known_archs()
+    if name in known:
+        return known[name]
+    return _scan_timm_arch_cached(name)
+
+
+@lru_cache(maxsize=None)
+def _scan_timm_arch_cached(name: str) -> TimmArch | None:
+    return _scan_timm_arch(name)
+
+
+def _shallow_archs() -> tuple[TimmArch, ...]:
+    return tuple(_known_archs().values())
 
 
 def _geometry(vision) -> tuple[int, int, int, int, int, int]:
@@ -314,7 +347,7 @@ def match_timm_arch(vision) -> tuple[TimmArch, list[str]]:
     grid = image // patch
     shallow = [a for a in _shallow_archs() if all(getattr(a, k) == v for k, v in want.items())
                and a.image // a.patch == grid]
-    full = [a for a in (timm_arch(s.name) for s in shallow) if a is not None and a.depth == depth]
+    full = [a for a in shallow if a.depth == depth]
     # prefer the exact image size, then the same activation
     full.sort(key=lambda a: (a.image != image, a.act != vision.hidden_act, a.name))
     notes: list[str] = []
