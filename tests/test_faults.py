@@ -580,6 +580,15 @@ def test_disk_full_mid_write(when, tmp_path, cli, monkeypatch):
                 raise writers._with_file(OSError(errno.ENOSPC, "No space left on device"), path)
             return real_pwrite_all(fd, data, offset, path)
         monkeypatch.setattr(writers, "_pwrite_all", pwrite_all)
+        real_copy = writers.os.copy_file_range
+
+        def copy_file_range(src, dst, nbytes, offset_src=None, offset_dst=None):
+            """The same budget for the bytes the kernel copies (tensors written unchanged)."""
+            count["n"] += nbytes
+            if count["n"] > budget:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_copy(src, dst, nbytes, offset_src, offset_dst)
+        monkeypatch.setattr(writers.os, "copy_file_range", copy_file_range)
     elif when == "close":
         monkeypatch.setattr(writers.os, "fsync", lambda fd: (_ for _ in ()).throw(enospc))
     else:

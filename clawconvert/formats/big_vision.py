@@ -201,8 +201,7 @@ class BigVisionWriter:
                 header = {"descr": np.lib.format.dtype_to_descr(_numpy_dtype(dtype)), "fortran_order": False,
                           "shape": (g["depth"], *shape)}
                 np.lib.format.write_array_header_2_0(f, header)
-                g["offset"] = f.tell()
-                f.truncate(g["offset"] + g["depth"] * arr.nbytes)
+                g["offset"] = f.tell()  # layers arrive in order: no truncate (sparse files fill slowly)
         with open(g["spill"], "r+b") as f:
             f.seek(g["offset"] + layer * arr.nbytes)
             f.write(arr.tobytes())

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
+import errno
 import hashlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,7 @@ class _Hasher:
         self._pending: deque = deque()
         self._pending_bytes = 0
         self.max_pending = max_pending
+        self._buf: np.ndarray | None = None   # the hashing thread's read buffer
 
     def update(self, h, data):
         """Queue ``h.update(data)``; ``data`` must not change until the returned future is done."""
@@ -74,6 +76,28 @@ class _Hasher:
         self._pending.append((fut, n))
         self._pending_bytes += n
         return fut
+
+    def update_from_file(self, h, path: Path, offset: int, nbytes: int):
+        """Queue hashing ``nbytes`` of ``path`` at ``offset`` (bytes the kernel copied for us)."""
+        while self._pending and self._pending_bytes + nbytes > self.max_pending:
+            self._drain_one()
+        fut = self._pool.submit(self._hash_file_range, h, path, offset, nbytes)
+        self._pending.append((fut, nbytes))
+        self._pending_bytes += nbytes
+        return fut
+
+    def _hash_file_range(self, h, path: Path, offset: int, nbytes: int) -> None:
+        if self._buf is None:
+            self._buf = np.empty(COPY_CHUNK, dtype=np.uint8)
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < nbytes:
+                n = min(COPY_CHUNK, nbytes - done)
+                view = memoryview(self._buf)[:n]
+                if os.preadv(f.fileno(), [view], offset + done) != n:
+                    raise ClawError(f"{path}: truncated while hashing")
+                h.update(view)
+                done += n
 
     def _drain_one(self) -> None:
         fut, n = self._pending.popleft()
@@ -151,7 +175,9 @@ class SafetensorsWriter:
         self._handles = []
         self._sha = []          # per file: [hashlib object, next offset to hash, in order so far]
         self._hasher = _Hasher()
-        self._ring: list[np.ndarray] = []
+        self._sizes: list[int] = []   # each file's final size
+        self._ring: list = []
+        self._kernel_copy = hasattr(os, "copy_file_range")
         self.hashes: dict[str, str] = {}
         self.total_size = 0
         for i, shard in enumerate(shards):
@@ -174,13 +200,13 @@ class SafetensorsWriter:
                 raise _with_file(e, path) from e
             self._handles.append(f)
             head = len(raw).to_bytes(8, "little") + raw
-            try:
+            try:  # no truncate to the final size: on ext4, filling a sparse file is several times slower
                 f.write(head)
-                f.truncate(data_start + offset)
             except OSError as e:
                 self.abort()
                 raise _with_file(e, path) from e
             self._sha.append([hashlib.sha256(head), data_start, True])
+            self._sizes.append(data_start + offset)
             for name, shape, dtype in shard:
                 b, e = header[name]["data_offsets"]
                 self._where[name] = (len(self._handles) - 1, data_start + b, e - b, dtype, tuple(shape))
@@ -216,10 +242,43 @@ class SafetensorsWriter:
         self._pending.discard(name)
 
     def copy_range(self, name: str, src: Path, src_offset: int, nbytes: int) -> None:
-        """Copy ``nbytes`` from ``src`` at ``src_offset`` as tensor ``name``, chunk by chunk."""
+        """Copy ``nbytes`` from ``src`` at ``src_offset`` as tensor ``name``.
+
+        The kernel copies (``copy_file_range``: no user-space buffer at all) while the hashing
+        thread reads the same source bytes; where the kernel cannot (another file system,
+        an old kernel), the bytes go through a small ring of ``COPY_CHUNK`` buffers."""
         fi, offset, planned, _, _ = self._slot(name)
         if nbytes != planned:
             raise ClawError(f"internal: tensor '{name}' is {nbytes} bytes, planned {planned}")
+        if not (self._kernel_copy and self._copy_in_kernel(fi, offset, src, src_offset, nbytes)):
+            self._copy_through_buffers(fi, offset, src, src_offset, nbytes)
+        self._pending.discard(name)
+
+    def _copy_in_kernel(self, fi: int, offset: int, src: Path, src_offset: int, nbytes: int) -> bool:
+        out = self._handles[fi].fileno()
+        with open(src, "rb", buffering=0) as f:
+            done = 0
+            while done < nbytes:
+                try:
+                    n = os.copy_file_range(f.fileno(), out, nbytes - done, src_offset + done, offset + done)
+                except OSError as e:
+                    if done == 0 and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                                 errno.EBADF, errno.ENOTSUP):
+                        self._kernel_copy = False
+                        return False
+                    raise _with_file(e, self.files[fi]) from e
+                if n <= 0:
+                    raise ClawError(f"{src}: truncated while reading {nbytes} bytes at {src_offset}")
+                done += n
+        state = self._sha[fi]
+        if state[2] and offset == state[1]:
+            state[1] += nbytes
+            self._hasher.update_from_file(state[0], src, src_offset, nbytes)
+        else:
+            state[2] = False
+        return True
+
+    def _copy_through_buffers(self, fi: int, offset: int, src: Path, src_offset: int, nbytes: int) -> None:
         if not self._ring:
             self._ring = [[np.empty(COPY_CHUNK, dtype=np.uint8), None] for _ in range(3)]
         with open(src, "rb", buffering=0) as f:
@@ -233,10 +292,9 @@ class SafetensorsWriter:
                 view = memoryview(slot[0])[:n]
                 got = os.preadv(f.fileno(), [view], src_offset + done)
                 if got != n:
-                    raise ClawError(f"{src}: truncated while reading '{name}'")
+                    raise ClawError(f"{src}: truncated while reading {nbytes} bytes at {src_offset}")
                 slot[1] = self._put(fi, offset + done, view)
                 done += n
-        self._pending.discard(name)
 
     def close(self) -> list[Path]:
         """Flush everything; refuse to finish while a planned tensor was never written."""
@@ -245,8 +303,10 @@ class SafetensorsWriter:
         finally:
             self._hasher.shutdown()
         handles, self._handles = self._handles, []
-        for f, path in zip(handles, self.files):
+        for f, path, size in zip(handles, self.files, self._sizes):
             try:
+                if os.fstat(f.fileno()).st_size < size:  # zero-byte tensors at the end
+                    os.ftruncate(f.fileno(), size)
                 os.fsync(f.fileno())
             except OSError as e:
                 for g in handles:
