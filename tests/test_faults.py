@@ -629,16 +629,17 @@ SLOW_CONVERT = """
 import sys, time
 from pathlib import Path
 from clawconvert.io import writers
-real = writers.SafetensorsWriter.write
 state = {"n": 0}
-def write(self, name, tensor):
-    real(self, name, tensor)
-    state["n"] += 1
-    if state["n"] == 5:  # partly written: tell the test, then keep going slowly
-        self._handles[0].flush()
-        Path(sys.argv[1]).write_text("writing")
-        time.sleep(60)
-writers.SafetensorsWriter.write = write
+def slowly(real):
+    def method(self, name, *args):
+        real(self, name, *args)
+        state["n"] += 1
+        if state["n"] == 5:  # partly written: tell the test, then keep going slowly
+            Path(sys.argv[1]).write_text("writing")
+            time.sleep(60)
+    return method
+writers.SafetensorsWriter.write = slowly(writers.SafetensorsWriter.write)
+writers.SafetensorsWriter.copy_range = slowly(writers.SafetensorsWriter.copy_range)
 from clawconvert.cli import main
 sys.exit(main(sys.argv[2:]))
 """
