@@ -161,7 +161,7 @@ class Plan:
         return file, offset + span[0] * info.dtype.itemsize, span[1] * info.dtype.itemsize
 
 
-IN_FLIGHT_BYTES = 64 << 20   # finished tensors waiting for the writer, at most (one is always let through)
+IN_FLIGHT_BYTES = 32 << 20   # finished tensors waiting for the writer, at most (one is always let through)
 
 
 class _Handoff:

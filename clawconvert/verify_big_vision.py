@@ -33,7 +33,7 @@ class BigVisionSiglip:
     """big_vision SigLIP (fixed resolution or NaFlex) from a ``{key: tensor}`` of its parameters."""
 
     def __init__(self, params: dict[str, torch.Tensor]):
-        self.p = {k: v.float() for k, v in params.items()}
+        self.p = {k: as_torch(v).float() for k, v in params.items()}  # numpy from the readers, or torch
         self.naflex = self.p["img/embedding/kernel"].dim() == 2
 
     # -- building blocks ---------------------------------------------------------------
@@ -116,6 +116,6 @@ class BigVisionSiglip:
 def big_vision_runner(ckpt):
     """A :class:`~clawconvert.verify.Runner` for a big_vision checkpoint (reference forward)."""
     from .verify import Runner
-    model = BigVisionSiglip({k: as_torch(ckpt.store.read(k)) for k in ckpt.store.keys()})
+    model = BigVisionSiglip({k: ckpt.store.read(k) for k in ckpt.store.keys()})
     return Runner("big_vision reference forward (torch; jax not used)", image=model.encode_image,
                   text=model.encode_text, logits=model.logits)

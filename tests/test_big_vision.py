@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import clawconvert
+from clawconvert.io.dtypes import as_torch
 from clawconvert.errors import ClawError
 from clawconvert.formats import open_checkpoint
 from clawconvert.verify_big_vision import BigVisionSiglip
@@ -176,14 +177,14 @@ def test_reader_accepts_no_prefix_mixed_layout_and_bfloat16_void(tmp_path):
         got = open_checkpoint(path)
         assert sorted(got.store.keys()) == sorted(ref.store.keys())
         for k in ref.store.keys():
-            assert torch.equal(got.store.read(k), ref.store.read(k)), (path.name, k)
+            assert torch.equal(as_torch(got.store.read(k)), as_torch(ref.store.read(k))), (path.name, k)
     assert open_checkpoint(mixed).store.stacked == {"txt/Encoder_0/": 2}
 
     bf16 = _rewrite(SCAN, tmp_path / "bf16.npz", lambda k, v: [(k, _bf16_void(v))])
     got = open_checkpoint(bf16)
     for k in ref.store.keys():
-        t = got.store.read(k)
-        assert t.dtype == torch.bfloat16 and torch.equal(t, ref.store.read(k).to(torch.bfloat16)), k
+        t = as_torch(got.store.read(k))   # the readers hand out numpy (bfloat16 via ml_dtypes)
+        assert t.dtype == torch.bfloat16 and torch.equal(t, as_torch(ref.store.read(k)).to(torch.bfloat16)), k
     # bfloat16 survives big_vision -> HF -> big_vision as 2-byte void, bit for bit, stacked
     clawconvert.convert(bf16, tmp_path / "hf", to="hf")
     assert load_file(str(tmp_path / "hf" / "model.safetensors"))["logit_scale"].dtype == torch.bfloat16

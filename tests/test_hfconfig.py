@@ -338,7 +338,7 @@ def test_openclip_format_reads_builtin_configs_without_open_clip():
 
 
 def test_timm_siglip_table_matches_the_installed_timm():
-    """mappings/siglip/timm_archs.yaml (read instead of importing timm) is what timm builds."""
+    """mappings/siglip/timm_archs.json (read instead of importing timm) is what timm builds."""
     from clawconvert.families.siglip import _known_archs, scan_timm_archs
 
     scanned = {a.name: a for a in scan_timm_archs()}

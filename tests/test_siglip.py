@@ -248,11 +248,12 @@ def shallow_timm(monkeypatch):
         return create(name, *args, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", shallow)
-    siglip_family.timm_arch.cache_clear()
-    siglip_family._shallow_archs.cache_clear()
+    # clawconvert reads timm's shapes from its shipped table; here they come from the shallow timm
+    siglip_family._scan_timm_arch_cached.cache_clear()
+    shallow_archs = {a.name: a for a in siglip_family.scan_timm_archs()}
+    monkeypatch.setattr(siglip_family, "_known_archs", lambda: shallow_archs)
     yield
-    siglip_family.timm_arch.cache_clear()
-    siglip_family._shallow_archs.cache_clear()
+    siglip_family._scan_timm_arch_cached.cache_clear()
 
 
 def _seeded_openclip_dir(cfg: dict, out: Path, seed: int = 0) -> Path:

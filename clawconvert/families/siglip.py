@@ -288,7 +288,7 @@ def _scan_timm_arch(name: str) -> TimmArch | None:
 def scan_timm_archs() -> tuple[TimmArch, ...]:
     """Every registered timm SigLIP ViT with a MAP head, as the installed timm builds it.
 
-    The conversion path reads the same facts from ``mappings/siglip/timm_archs.yaml`` (written
+    The conversion path reads the same facts from ``mappings/siglip/timm_archs.json`` (written
     by ``tools/make_timm_archs.py``; ``tests/test_hfconfig.py`` checks it against timm), so
     converting does not import timm and torch."""
     import timm
@@ -307,11 +307,11 @@ def scan_timm_archs() -> tuple[TimmArch, ...]:
 
 @lru_cache(maxsize=1)
 def _known_archs() -> dict[str, TimmArch]:
+    import json
     from importlib import resources
 
-    import yaml
-    text = resources.files("clawconvert.mappings").joinpath("siglip/timm_archs.yaml").read_text()
-    rows = yaml.safe_load(text)["architectures"]
+    text = resources.files("clawconvert.mappings").joinpath("siglip/timm_archs.json").read_text()
+    rows = json.loads(text)["architectures"]
     return {r["name"]: TimmArch(**r) for r in rows}
 
 
