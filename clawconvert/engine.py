@@ -13,9 +13,7 @@ only until their last consumer has run, so peak memory is a handful of tensors.
 """
 from __future__ import annotations
 
-import contextvars
-import threading
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from .errors import ClawError
 from .io.dtypes import DType, cast, contiguous, float32, output_dtype
+from .io.pipeline import write_pipelined
 from .io.readers import TensorStore, finite_checks_active
 from .ops import Shape
 from .tables import ExpandedTable, Rule
@@ -61,41 +60,9 @@ class Plan:
     def execute(self, sink: TensorSink, progress: Callable[[Iterable], Iterable] | None = None) -> int:
         """Stream every target tensor into ``sink``; returns the number written.
 
-        Two threads: one reads and transforms the next tensors (file reads, CRC, transposes
-        and casts release the GIL) while this one writes, with at most ``IN_FLIGHT_BYTES``
-        of finished tensors waiting between them."""
-        handoff = _Handoff(IN_FLIGHT_BYTES)
-        context = contextvars.copy_context()  # --check-finite and friends apply in the worker too
-        worker = threading.Thread(target=context.run, args=(self._produce, sink, progress, handoff),
-                                  name="clawconvert-produce", daemon=True)
-        worker.start()
-        written = 0
-        try:
-            while True:
-                item = handoff.get()
-                if item is None:
-                    break
-                kind, name, payload = item
-                if kind == "copy":
-                    sink.copy_range(name, *payload)  # type: ignore[attr-defined]
-                else:
-                    sink.write(name, payload)
-                written += 1
-                del item, payload
-        finally:
-            handoff.stop()
-            worker.join()
-        return written
-
-    def _produce(self, sink: TensorSink, progress: Callable[[Iterable], Iterable] | None,
-                 handoff: "_Handoff") -> None:
-        try:
-            for item in self._items(sink, progress):
-                if not handoff.put(item):
-                    return  # the writer stopped (an error there)
-            handoff.put(None)
-        except BaseException as e:  # handed to the writing thread, which raises it
-            handoff.fail(e)
+        The next tensors are read and transformed on a second thread while this one writes
+        (see :mod:`clawconvert.io.pipeline`)."""
+        return write_pipelined(self._items(sink, progress), sink)
 
     def _items(self, sink: TensorSink, progress: Callable[[Iterable], Iterable] | None) -> Iterator[tuple]:
         """("copy", name, (file, offset, nbytes)) or ("write", name, array), in writing order."""
@@ -159,60 +126,6 @@ class Plan:
             return None
         file, offset, _ = self.source.byte_range(key)
         return file, offset + span[0] * info.dtype.itemsize, span[1] * info.dtype.itemsize
-
-
-IN_FLIGHT_BYTES = 32 << 20   # finished tensors waiting for the writer, at most (one is always let through)
-
-
-class _Handoff:
-    """A queue between the producing and the writing thread, bounded by bytes, that either
-    side can stop: the writer on an error, the producer by handing over its exception."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._items: deque = deque()
-        self._bytes = 0
-        self._cv = threading.Condition()
-        self._stopped = False
-        self._error: BaseException | None = None
-
-    @staticmethod
-    def _size(item) -> int:
-        return item[2].nbytes if item is not None and item[0] == "write" else 0
-
-    def put(self, item) -> bool:
-        n = self._size(item)
-        with self._cv:
-            while not self._stopped and self._items and self._bytes + n > self.limit:
-                self._cv.wait()
-            if self._stopped:
-                return False
-            self._items.append(item)
-            self._bytes += n
-            self._cv.notify_all()
-            return True
-
-    def get(self):
-        with self._cv:
-            while not self._items and self._error is None:
-                self._cv.wait()
-            if self._error is not None:
-                raise self._error
-            item = self._items.popleft()
-            self._bytes -= self._size(item)
-            self._cv.notify_all()
-            return item
-
-    def fail(self, error: BaseException) -> None:
-        with self._cv:
-            self._error = error
-            self._cv.notify_all()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopped = True
-            self._items.clear()
-            self._cv.notify_all()
 
 
 class Problems:

@@ -298,21 +298,20 @@ class SafetensorsWriter:
 
     def close(self) -> list[Path]:
         """Flush everything; refuse to finish while a planned tensor was never written."""
+        handles, self._handles = self._handles, []
         try:
+            for f, path, size in zip(handles, self.files, self._sizes):
+                try:  # fsync while the hashing thread finishes: the two overlap
+                    if os.fstat(f.fileno()).st_size < size:  # zero-byte tensors at the end
+                        os.ftruncate(f.fileno(), size)
+                    os.fsync(f.fileno())
+                except OSError as e:
+                    raise _with_file(e, path) from e
             self._hasher.wait()
         finally:
             self._hasher.shutdown()
-        handles, self._handles = self._handles, []
-        for f, path, size in zip(handles, self.files, self._sizes):
-            try:
-                if os.fstat(f.fileno()).st_size < size:  # zero-byte tensors at the end
-                    os.ftruncate(f.fileno(), size)
-                os.fsync(f.fileno())
-            except OSError as e:
-                for g in handles:
-                    g.close()
-                raise _with_file(e, path) from e
-            f.close()
+            for f in handles:
+                f.close()
         if self._pending:
             missing = sorted(self._pending)
             raise ClawError(f"{len(missing)} planned tensors were never written: {', '.join(missing[:5])}")

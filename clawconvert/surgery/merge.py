@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ClawError
 from ..io.dtypes import DType, output_dtype
+from ..io.pipeline import write_pipelined
 from ..io.readers import TensorStore
 from .lora import Adapter, LoraModule, bias_delta, layer_fan_in_fan_out, merge_into, same_factors
 
@@ -281,10 +282,12 @@ def _unchanged_bytes(t: OutTensor, base: TensorStore, adapter: Adapter, writer) 
 
 def write_merged(tensors: Iterable[OutTensor], base: TensorStore, adapter: Adapter, writer,
                  progress: Callable[[Iterable], Iterable] | None = None) -> None:
+    """Write every output tensor: unchanged ones copied as bytes, merged ones built on a
+    second thread while the previous one is written."""
     items = list(tensors)
-    for t in (progress(items) if progress else items):
-        span = _unchanged_bytes(t, base, adapter, writer)
-        if span is not None:
-            writer.copy_range(t.name, *span)
-        else:
-            writer.write(t.name, build_tensor(t, base, adapter))
+
+    def produce():
+        for t in (progress(items) if progress else items):
+            span = _unchanged_bytes(t, base, adapter, writer)
+            yield ("copy", t.name, span) if span is not None else ("write", t.name, build_tensor(t, base, adapter))
+    write_pipelined(produce(), writer)
