@@ -94,10 +94,10 @@ class Op:
     # shapes are computed by running the op on zero-byte stand-ins (stride-0 views of one
     # byte): every op here only views, splits or joins, so the same code checks and plans
     def load_shapes(self, shapes: list[Shape]) -> list[Shape]:
-        return [tuple(t.shape) for t in self.load([_standin(s) for s in shapes])]
+        return [tuple(t.shape) for t in self.load([_Standin(s) for s in shapes])]
 
     def save_shapes(self, shapes: list[Shape]) -> list[Shape]:
-        return [tuple(t.shape) for t in self.save([_standin(s) for s in shapes])]
+        return [tuple(t.shape) for t in self.save([_Standin(s) for s in shapes])]
 
     def __repr__(self) -> str:
         return self.name
@@ -109,7 +109,6 @@ class _Standin:
     def __init__(self, shape: Shape):
         self.shape = tuple(int(d) for d in shape)
         self.ndim = len(self.shape)
-        self.dtype = np.dtype(np.float32)
 
     def transpose(self, perm):
         return _Standin(tuple(self.shape[p] for p in perm))
@@ -119,10 +118,6 @@ class _Standin:
         if math.prod(shape) != math.prod(self.shape):
             raise ClawError(f"cannot reshape {self.shape} into {shape}")
         return _Standin(shape)
-
-
-def _standin(shape: Shape) -> _Standin:
-    return _Standin(shape)
 
 
 def _split_along(t, sizes: list[int], dim: int) -> list:

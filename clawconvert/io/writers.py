@@ -217,11 +217,17 @@ class SafetensorsWriter:
 
     def _put(self, fi: int, offset: int, data):
         _pwrite_all(self._handles[fi].fileno(), data, offset, self.files[fi])
+        h = self._hash_in_order(fi, offset, len(data))
+        return None if h is None else self._hasher.update(h, data)
+
+    def _hash_in_order(self, fi: int, offset: int, nbytes: int):
+        """File ``fi``'s running sha256 when these bytes come next in it, else None (the file
+        was written out of order: the manifest hashes it itself)."""
         state = self._sha[fi]
         if state[2] and offset == state[1]:
-            state[1] += len(data)
-            return self._hasher.update(state[0], data)
-        state[2] = False  # out of order: the manifest hashes this file itself
+            state[1] += nbytes
+            return state[0]
+        state[2] = False
         return None
 
     def _slot(self, name: str) -> tuple[int, int, int, DType, tuple[int, ...]]:
@@ -270,12 +276,9 @@ class SafetensorsWriter:
                 if n <= 0:
                     raise ClawError(f"{src}: truncated while reading {nbytes} bytes at {src_offset}")
                 done += n
-        state = self._sha[fi]
-        if state[2] and offset == state[1]:
-            state[1] += nbytes
-            self._hasher.update_from_file(state[0], src, src_offset, nbytes)
-        else:
-            state[2] = False
+        h = self._hash_in_order(fi, offset, nbytes)
+        if h is not None:
+            self._hasher.update_from_file(h, src, src_offset, nbytes)
         return True
 
     def _copy_through_buffers(self, fi: int, offset: int, src: Path, src_offset: int, nbytes: int) -> None:
