@@ -71,6 +71,10 @@ class Plan:
         cache: dict[str, np.ndarray] = {}
         out_dtypes = {t.name: t.dtype for t in self.targets}
         rules = self.dst_rules if progress is None else progress(self.dst_rules)
+        with self.source.checks_deferred():   # CRC-32s run beside the transforms; the output is temporary until they pass
+            yield from self._rule_items(rules, sink, producer, uses, cache, out_dtypes)
+
+    def _rule_items(self, rules, sink, producer, uses, cache, out_dtypes) -> Iterator[tuple]:
         for rule in rules:
             copy = self._byte_copy(rule, producer, out_dtypes, sink)
             if copy is not None:

@@ -114,6 +114,9 @@ class BigVisionStore(TensorStore):
             self._cache = (member, self.npz.read_numpy(member))
         return self._cache[1][layer]
 
+    def checks_deferred(self):
+        return self.npz.checks_deferred()
+
     def close(self) -> None:
         self._file.close()
         self.npz.close()

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -23,6 +24,7 @@ import struct
 import warnings
 import zipfile
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -222,6 +224,13 @@ class TensorStore:
 
     def _read(self, name: str, info: TensorInfo) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def checks_deferred(self) -> Iterator[None]:
+        """Inside, integrity checks of what is read (a member's CRC-32) may run on another
+        thread and fail later, at the latest when the block ends; a caller that only writes
+        into a temporary output uses this to overlap them with the rest of its work."""
+        yield
 
     def rename(self, mapping: Callable[[str], str | None]) -> None:
         """Rename (or, returning None, hide) stored keys, e.g. to strip ``module.``."""
@@ -590,6 +599,27 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return _format_impl._read_array_header(f, version)
 
 
+MAP_FROM = 1 << 20   # spans this large are mapped, smaller ones read
+
+
+def read_span(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
+    """``nbytes`` at ``offset`` of an open file as read-only uint8, or None when the file is
+    shorter.  Large spans are mapped from the page cache (no copy, no fresh memory to fault
+    in; the mapping goes when the array does), small ones read."""
+    if nbytes >= MAP_FROM and hasattr(mmap, "MAP_POPULATE"):
+        if offset + nbytes > os.fstat(fd).st_size:
+            return None
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
+                      offset=start)
+        return np.frombuffer(m, dtype=np.uint8, count=nbytes, offset=offset - start)
+    buf = np.empty(nbytes, dtype=np.uint8)
+    if nbytes and os.preadv(fd, [memoryview(buf)], offset) != nbytes:
+        return None
+    buf.flags.writeable = False
+    return buf
+
+
 class NpzStore(TensorStore):
     """A numpy ``.npz`` archive; each ``.npy`` member's header is read up front, data on demand.
 
@@ -614,6 +644,8 @@ class NpzStore(TensorStore):
 
     def _scan(self, members: list[zipfile.ZipInfo]) -> None:
         path = self.path
+        self._checker = None              # the CRC-32 thread inside checks_deferred()
+        self._checks: deque = deque()     # (member, future crc) not yet compared
         self._starts: dict[str, int] = {}
         self._data_starts: dict[str, int] = {}
         self._members: dict[str, tuple[zipfile.ZipInfo, tuple, np.dtype, bool]] = {}
@@ -644,6 +676,8 @@ class NpzStore(TensorStore):
                 what = "truncated" if m.file_size < header_len + nbytes else "longer than its header says"
                 raise ClawError(f"{path}: member '{m.filename}' is {what}: {dtype} {tuple(shape)} needs "
                                 f"{nbytes} bytes of data, the member holds {m.file_size - header_len}")
+            if m.compress_type == zipfile.ZIP_STORED:   # known before any thread reads: no lookups later
+                self._data_starts[m.filename] = self._member_start(m) + header_len
             try:
                 tdtype = dtype_of(dtype)
             except Exception as e:
@@ -672,16 +706,47 @@ class NpzStore(TensorStore):
 
     def _read_stored(self, m: zipfile.ZipInfo, nbytes: int) -> np.ndarray:
         """An uncompressed member's data with one read into its final buffer, CRC-checked
-        (the member's CRC-32 covers its .npy header and data) as zipfile would."""
+        (the member's CRC-32 covers its .npy header and data) as zipfile would: here, or
+        on the checking thread inside :meth:`checks_deferred`."""
         start = self.data_offset(m)
         fd = self._zip.fp.fileno()
         head = os.pread(fd, start - self._member_start(m), self._member_start(m))
-        buf = np.empty(nbytes, dtype=np.uint8)
-        if nbytes and os.preadv(fd, [memoryview(buf)], start) != nbytes:
+        buf = read_span(fd, start, nbytes)
+        if buf is None:
             raise ClawError(f"{self.path}: member '{m.filename}' is truncated")
-        if zlib.crc32(buf, zlib.crc32(head)) != m.CRC:
-            raise ClawError(f"{self.path}: member '{m.filename}' is corrupt (Bad CRC-32)")
+        if self._checker is None:
+            self._check_crc(m, zlib.crc32(buf, zlib.crc32(head)))
+        else:
+            while len(self._checks) >= self.MAX_CHECKS_WAITING:
+                self._settle_check()
+            self._checks.append((m, self._checker.submit(lambda: zlib.crc32(buf, zlib.crc32(head)))))
         return buf
+
+    MAX_CHECKS_WAITING = 2   # members read but not yet checked: memory stays a few tensors
+
+    def _check_crc(self, m: zipfile.ZipInfo, crc: int) -> None:
+        if crc != m.CRC:
+            raise ClawError(f"{self.path}: member '{m.filename}' is corrupt (Bad CRC-32)")
+
+    def _settle_check(self) -> None:
+        m, fut = self._checks.popleft()
+        self._check_crc(m, fut.result())
+
+    @contextlib.contextmanager
+    def checks_deferred(self) -> Iterator[None]:
+        if self._checker is not None:   # nested: the outer block settles
+            yield
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawconvert-crc32")
+        try:
+            yield
+            while self._checks:
+                self._settle_check()
+        finally:
+            self._checker.shutdown(wait=True, cancel_futures=True)
+            self._checker = None
+            self._checks.clear()
 
     def _member_start(self, m: zipfile.ZipInfo) -> int:
         """Offset of a member's bytes (after its local zip header)."""

@@ -282,6 +282,33 @@ def merge_into(weight: np.ndarray, adapter: Adapter, module: LoraModule, fan_in_
     return weight
 
 
+BAND_BYTES = 1 << 20   # float32 rows merged at a time: the band stays in cache from matmul to cast
+
+
+def merged_linear(weight: np.ndarray, adapter: Adapter, module: LoraModule, out_dtype: np.dtype) -> np.ndarray:
+    """``weight + scale * (B @ A)`` for a plain Linear LoRA (no DoRA, weight (out, in)), made
+    a band of rows at a time and returned in ``out_dtype``.
+
+    The same float32 arithmetic as :func:`merge_into` (PEFT's ``get_delta_weight``: the
+    product, then the scale, then the sum), but each band is cast in, merged and cast out
+    while it is in cache, instead of four passes over a float32 copy of the whole matrix."""
+    a, b = adapter.read(module.a), adapter.read(module.b)
+    rows_total, cols = weight.shape
+    rows = max(8, min(rows_total, BAND_BYTES // max(1, cols * 4)))
+    out = np.empty(weight.shape, out_dtype)
+    band = np.empty((rows, cols), np.float32)
+    delta = np.empty((rows, cols), np.float32)
+    for i in range(0, rows_total, rows):
+        j = min(i + rows, rows_total)
+        x, d = band[:j - i], delta[:j - i]
+        np.matmul(b[i:j], a, out=d)
+        d *= module.scale
+        x[...] = weight[i:j]          # to float32
+        x += d
+        out[i:j] = x                  # to the output dtype, rounding to nearest even
+    return out
+
+
 def bias_delta(adapter: Adapter, module: LoraModule) -> np.ndarray:
     """lora_bias=True: the base bias gains ``lora_B.bias * scale`` (``Linear.merge``)."""
     return adapter.read(module.b_bias) * module.scale

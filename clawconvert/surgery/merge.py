@@ -22,7 +22,7 @@ from ..errors import ClawError
 from ..io.dtypes import DType, output_dtype
 from ..io.pipeline import write_pipelined
 from ..io.readers import TensorStore
-from .lora import Adapter, LoraModule, bias_delta, layer_fan_in_fan_out, merge_into, same_factors
+from .lora import Adapter, LoraModule, bias_delta, layer_fan_in_fan_out, merge_into, merged_linear, same_factors
 
 # Other spellings of the same parameter -> the one clawconvert compares by (a causal LM's own).
 KEY_ALIASES = (
@@ -258,6 +258,9 @@ def build_tensor(t: OutTensor, base: TensorStore, adapter: Adapter) -> np.ndarra
     x = adapter.store.read(key) if kind == "adapter" else base.read(key)
     if not (r.lora or r.bias_of or r.extra_rows):
         return x
+    if (r.lora and r.lora.kind == "linear" and not r.lora.magnitude and not r.fan_in_fan_out
+            and not r.bias_of and not r.extra_rows):
+        return merged_linear(x, adapter, r.lora, t.dtype.np)   # the common case, in cache-sized bands
     x = x.astype(np.float32)  # a fresh float32 copy, merged in place
     if r.lora:
         x = merge_into(x, adapter, r.lora, r.fan_in_fan_out)
