@@ -15,6 +15,7 @@ from .errors import ClawError, VerificationFailed
 from .formats import Checkpoint, Format, SourceOptions, all_formats, get_format, open_checkpoint
 from .io.atomic import atomic_output_dir, atomic_output_file
 from .io.dtypes import CLI_DTYPES, DType, dtype_of
+from .io.pipeline import Background
 from .io.writers import parse_size
 from .provenance import source_fingerprint, write_manifest
 from .tables import load_table
@@ -113,13 +114,16 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
     output = atomic_output_file if target.writes_file else atomic_output_dir
     with output(dst, overwrite=overwrite, sources=(src_path,)) as tmp:
         writer = target.writer(tmp, plan.writer_plan, shard, **write_options)
+        # config, tokenizer and preprocessing files are made while the tensors stream
+        side = Background(target.write_side_files, tmp, ckpt.family, ckpt.config, ckpt.extras)
         try:
             n = plan.execute(writer, _progress(progress, plan.total_bytes, f"{ckpt.format} -> {to}"))
             files = writer.close()
         except BaseException:
             writer.abort()
+            side.wait()
             raise
-        notes = target.write_side_files(tmp, ckpt.family, ckpt.config, ckpt.extras)
+        notes = side.result()
         notes += ckpt.family.target_notes(ckpt, to)
         figures = None
         if verify:

@@ -107,3 +107,30 @@ def _produce(items: Iterable[tuple], handoff: Handoff) -> None:
         handoff.put(None)
     except BaseException as e:  # handed to the writing thread, which raises it
         handoff.fail(e)
+
+
+class Background:
+    """``fn(*args)`` on its own thread from now on; ``result()`` waits and returns it or
+    raises what it raised.  For work beside the tensor stream (side files)."""
+
+    def __init__(self, fn, *args):
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run, fn, args),
+                                        name="clawconvert-side", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as e:
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result

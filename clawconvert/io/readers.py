@@ -358,16 +358,9 @@ class SafetensorsStore(TensorStore):
 
     def _read(self, name: str, info: TensorInfo) -> np.ndarray:
         file, offset, nbytes = self._where[name]
-        buf = np.empty(nbytes, dtype=np.uint8)  # not zero-filled: every byte is read into
-        got = 0
         with open(file, "rb", buffering=0) as f:
-            view = memoryview(buf)
-            while got < nbytes:
-                n = os.preadv(f.fileno(), [view[got:]], offset + got)
-                if not n:
-                    break
-                got += n
-        if got != nbytes:
+            buf = read_span(f.fileno(), offset, nbytes)
+        if buf is None:
             raise ClawError(f"{file}: truncated while reading '{name}'")
         return buf.view(info.dtype.np).reshape(info.shape)
 
@@ -613,9 +606,13 @@ def read_span(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
         m = mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
                       offset=start)
         return np.frombuffer(m, dtype=np.uint8, count=nbytes, offset=offset - start)
-    buf = np.empty(nbytes, dtype=np.uint8)
-    if nbytes and os.preadv(fd, [memoryview(buf)], offset) != nbytes:
-        return None
+    buf = np.empty(nbytes, dtype=np.uint8)   # not zero-filled: every byte is read into
+    got, view = 0, memoryview(buf)
+    while got < nbytes:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            return None
+        got += n
     buf.flags.writeable = False
     return buf
 

@@ -28,9 +28,15 @@ import numpy as np
 from ..errors import ClawError
 
 ALIGN = 4096                # O_DIRECT offsets, lengths and buffer addresses are multiples of this
-STAGE_BYTES = 16 << 20      # one pwrite, one hashing step
-STAGES = 4                  # filling, being written and hashed, and slack: memory is STAGES x STAGE_BYTES
+STAGE_BYTES = 16 << 20      # one pwrite, one hashing step (at most: see stage_size)
+STAGES = 3                  # one filling, one being written and hashed, one spare: memory is STAGES x STAGE_BYTES
 _NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EPERM, errno.EACCES}
+
+
+def stage_size(total_bytes: int) -> int:
+    """Buffers for an output of ``total_bytes``: a 32nd of it, 1 to 16 MiB, whole 4 KiB
+    blocks, so that small outputs do not pay for large buffers."""
+    return max(1 << 20, min(STAGE_BYTES, total_bytes // 32)) // ALIGN * ALIGN
 
 
 def direct_io_wanted() -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import ClawError
 from ..provenance import remember_hash
 from . import dtypes
-from .staged import Staging, StagedFile, pwrite_all, with_file
+from .staged import Staging, StagedFile, pwrite_all, stage_size, with_file
 from .dtypes import SAFETENSORS_DTYPES, DType, as_numpy, cast, contiguous, dtype_of
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.I)
@@ -95,7 +95,8 @@ class SafetensorsWriter:
         self.files: list[Path] = []
         self._where: dict[str, tuple[int, int, int, DType, tuple[int, ...]]] = {}
         self._out: list[StagedFile] = []
-        self._staging = Staging(write=_pwrite_all)
+        self._staging = Staging(stage_bytes=stage_size(sum(math.prod(e[1]) * e[2].itemsize for e in plan)),
+                                write=_pwrite_all)
         self._sizes: list[int] = []   # each file's final size
         self.hashes: dict[str, str] = {}
         self.total_size = 0
