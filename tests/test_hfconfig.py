@@ -316,6 +316,8 @@ for name, read, fam in (("siglip_tiny.npz", read_big_vision, "siglip"),
     fams[fam].write_hf_extras(out / fam, config, Extras())
     fams[fam].config_from_dict(json.loads((out / fam / "config.json").read_text()))
     fams[fam].tower_config(config, "visual").save_pretrained(out / fam / "visual")
+import shutil
+shutil.rmtree(out)
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in FRAMEWORKS and sys.modules[m] is not None)))
 """
 
