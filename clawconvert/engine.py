@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from .errors import ClawError
-from .io.dtypes import DType, cast, contiguous, float32, output_dtype
+from .io.dtypes import DType, cast, float32, output_dtype
 from .io.pipeline import write_pipelined
 from .io.readers import TensorStore, finite_checks_active
 from .ops import Shape
@@ -100,7 +100,7 @@ class Plan:
             except ClawError as e:
                 raise ClawError(f"{rule.origin}: {e}") from e
             for name, t in zip(rule.format, outs):
-                yield ("write", name, contiguous(cast(t, out_dtypes[name])))
+                yield ("write", name, cast(t, out_dtypes[name]))   # a view stays a view: the writer lays it out
             del outs
             for c in rule.canonical:
                 uses[c] -= 1

@@ -34,7 +34,10 @@ def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
     return {"a": rng.standard_normal((300, 70)).astype(np.float32),        # spans stages below
             "b": rng.standard_normal((3,)).astype(np.float16),
             "empty": np.zeros((0, 4), np.float32),
-            "c": rng.standard_normal((1000, 33)).astype(np.float32)}
+            "c": rng.standard_normal((1000, 33)).astype(np.float32),
+            # transposed views: laid out straight into the buffers, slices straddling them
+            "t": rng.standard_normal((77, 1300)).astype(np.float32).T,
+            "t3": rng.standard_normal((9, 50, 70)).astype(ml_dtypes.bfloat16).transpose(2, 0, 1)}
 
 
 def _write(out: Path, tensors: dict[str, np.ndarray], order: list[str], **kw) -> SafetensorsWriter:
@@ -63,8 +66,8 @@ def test_staged_files_read_back_exactly(tmp_path, monkeypatch, small_stages, dir
     monkeypatch.setenv("CLAWCONVERT_DIRECT_IO", direct)
     t = _tensors()
     names = list(t) if order == "planned" else list(reversed(t))
-    w = _write(tmp_path, t, names, max_shard_size=100_000)   # two shards
-    assert len(w.files) == 2
+    w = _write(tmp_path, t, names, max_shard_size=300_000)   # several shards
+    assert len(w.files) >= 2
     if order == "planned":
         assert len(small_stages) > 20 and max(small_stages) == 8192   # many full stages written
     back = {}
@@ -77,7 +80,7 @@ def test_staged_files_read_back_exactly(tmp_path, monkeypatch, small_stages, dir
             assert f.name not in w.hashes or w.hashes[f.name] == digest
     assert set(back) == set(t)
     for k in t:
-        assert back[k].dtype == t[k].dtype and np.array_equal(back[k], t[k])
+        assert back[k].dtype == t[k].dtype and np.array_equal(back[k].view(np.uint8), np.ascontiguousarray(t[k]).view(np.uint8))
 
 
 def test_copy_range_reads_into_the_stages(tmp_path, small_stages):

@@ -159,6 +159,15 @@ def contiguous(x: np.ndarray) -> np.ndarray:
 _TILED_FROM = 1 << 20
 
 
+def copy_into(out: np.ndarray, x: np.ndarray) -> None:
+    """``out[...] = x`` for a C-contiguous ``out`` of x's shape, tiled when ``x`` is a large
+    transposed view."""
+    if x.flags.c_contiguous or x.ndim < 2 or x.nbytes < _TILED_FROM:
+        np.copyto(out, x)
+    else:
+        _tiled_copy(out, x)
+
+
 def _tiled_copy(out: np.ndarray, x: np.ndarray) -> None:
     """``out[...] = x`` in tiles a few hundred KB of ``x`` each, short along both the axis
     ``x`` is contiguous in and the axis ``out`` is: every tile stays in cache while it is

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ClawError
+from .dtypes import contiguous, copy_into
 
 ALIGN = 4096                # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 STAGE_BYTES = 16 << 20      # one pwrite, one hashing step (at most: see stage_size)
@@ -202,6 +203,26 @@ class StagedFile:
             np.copyto(np.frombuffer(room[:n], dtype=np.uint8), np.frombuffer(view[done:done + n], dtype=np.uint8))  # releases the GIL
             done += n
             self._advance(n)
+
+    def write_array_at(self, offset: int, arr: np.ndarray) -> None:
+        """A numpy array's C-order bytes at ``offset``, laid out directly in the buffers (a
+        transposed view is copied once, in tiles, instead of made contiguous and then copied)."""
+        if offset != self.pos or not self.in_order or arr.ndim == 0 or arr.shape[0] == 0:
+            self.write_at(offset, memoryview(contiguous(arr).reshape(-1).view(np.uint8)))
+            return
+        step = arr.nbytes // arr.shape[0]          # bytes of one slice along the first axis
+        i = 0
+        while i < arr.shape[0]:
+            room = self._room()
+            k = min(len(room) // step, arr.shape[0] - i)
+            if k == 0:   # the buffer ends inside a slice: that slice alone goes through a copy
+                self.write_at(self.pos, memoryview(contiguous(arr[i]).reshape(-1).view(np.uint8)))
+                i += 1
+                continue
+            dest = np.frombuffer(room[:k * step], dtype=arr.dtype).reshape((k,) + arr.shape[1:])
+            copy_into(dest, arr[i:i + k])
+            i += k
+            self._advance(k * step)
 
     def copy_at(self, offset: int, src: Path, src_offset: int, nbytes: int) -> None:
         """``nbytes`` of file ``src`` at ``src_offset``, read straight into the buffers."""

@@ -144,11 +144,14 @@ class SafetensorsWriter:
         arr = as_numpy(tensor)
         if tuple(arr.shape) != shape:
             raise ClawError(f"tensor '{name}' came out with shape {tuple(arr.shape)}, planned {shape}")
-        data = tensor_bytes(cast(arr, dtype))
-        if len(data) != nbytes:
-            raise ClawError(f"internal: tensor '{name}' is {len(data)} bytes, planned {nbytes}")
+        arr = cast(arr, dtype)
+        if arr.nbytes != nbytes:
+            raise ClawError(f"internal: tensor '{name}' is {arr.nbytes} bytes, planned {nbytes}")
         if nbytes:
-            self._out[fi].write_at(offset, data)
+            if arr.flags.c_contiguous or arr.ndim < 2:
+                self._out[fi].write_at(offset, tensor_bytes(arr))
+            else:   # a transposed view: laid out straight into the write buffers
+                self._out[fi].write_array_at(offset, arr)
         self._pending.discard(name)
 
     def copy_range(self, name: str, src: Path, src_offset: int, nbytes: int) -> None:
