@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import ClawError
+from .io.dtypes import copy_into
 
 Shape = tuple[int, ...]
 
@@ -133,7 +134,14 @@ def _join_along(ts: list, dim: int):
             raise ClawError(f"concat: shapes {[tuple(x.shape) for x in ts]} differ outside axis {dim}")
     if isinstance(ts[0], _Standin):
         return _Standin(first[:dim] + (sum(t.shape[dim] for t in ts),) + first[dim + 1:])
-    return np.concatenate(ts, axis=dim)
+    if any(t.dtype != ts[0].dtype for t in ts):
+        return np.concatenate(ts, axis=dim)
+    out = np.empty(first[:dim] + (sum(t.shape[dim] for t in ts),) + first[dim + 1:], dtype=ts[0].dtype)
+    at = 0
+    for t in ts:   # parts are often transposed views (big_vision q, k, v kernels): tiled copies
+        copy_into(out[(slice(None),) * dim + (slice(at, at + t.shape[dim]),)], t)
+        at += t.shape[dim]
+    return out
 
 
 class Permute(Op):
