@@ -72,40 +72,37 @@ class Plan:
         out_dtypes = {t.name: t.dtype for t in self.targets}
         rules = self.dst_rules if progress is None else progress(self.dst_rules)
         with self.source.checks_deferred():   # CRC-32s run beside the transforms; the output is temporary until they pass
-            yield from self._rule_items(rules, sink, producer, uses, cache, out_dtypes)
-
-    def _rule_items(self, rules, sink, producer, uses, cache, out_dtypes) -> Iterator[tuple]:
-        for rule in rules:
-            copy = self._byte_copy(rule, producer, out_dtypes, sink)
-            if copy is not None:
-                yield ("copy", rule.format[0], copy)
-                uses[rule.canonical[0]] -= 1
-                if uses[rule.canonical[0]] == 0:
-                    cache.pop(rule.canonical[0], None)
-                continue
-            for c in rule.canonical:
-                if c not in cache:
-                    src = producer[c]
-                    xs = [self.source.read(k) for k in src.format]
-                    try:
-                        ys = src.chain.load(xs)
-                    except ClawError as e:
-                        raise ClawError(f"{src.origin}: {e}") from e
-                    del xs
-                    for name, y in zip(src.canonical, ys):
-                        if uses[name]:
-                            cache[name] = y
-            try:
-                outs = rule.chain.save([cache[c] for c in rule.canonical])
-            except ClawError as e:
-                raise ClawError(f"{rule.origin}: {e}") from e
-            for name, t in zip(rule.format, outs):
-                yield ("write", name, cast(t, out_dtypes[name]))   # a view stays a view: the writer lays it out
-            del outs
-            for c in rule.canonical:
-                uses[c] -= 1
-                if uses[c] == 0:
-                    cache.pop(c, None)
+            for rule in rules:
+                copy = self._byte_copy(rule, producer, out_dtypes, sink)
+                if copy is not None:
+                    yield ("copy", rule.format[0], copy)
+                    uses[rule.canonical[0]] -= 1
+                    if uses[rule.canonical[0]] == 0:
+                        cache.pop(rule.canonical[0], None)
+                    continue
+                for c in rule.canonical:
+                    if c not in cache:
+                        src = producer[c]
+                        xs = [self.source.read(k) for k in src.format]
+                        try:
+                            ys = src.chain.load(xs)
+                        except ClawError as e:
+                            raise ClawError(f"{src.origin}: {e}") from e
+                        del xs
+                        for name, y in zip(src.canonical, ys):
+                            if uses[name]:
+                                cache[name] = y
+                try:
+                    outs = rule.chain.save([cache[c] for c in rule.canonical])
+                except ClawError as e:
+                    raise ClawError(f"{rule.origin}: {e}") from e
+                for name, t in zip(rule.format, outs):
+                    yield ("write", name, cast(t, out_dtypes[name]))   # a view stays a view: the writer lays it out
+                del outs
+                for c in rule.canonical:
+                    uses[c] -= 1
+                    if uses[c] == 0:
+                        cache.pop(c, None)
 
     def _byte_copy(self, rule: Rule, producer: dict[str, Rule], out_dtypes: dict[str, DType],
                    sink: TensorSink) -> tuple | None:

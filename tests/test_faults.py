@@ -566,20 +566,20 @@ def test_a_destination_name_near_the_file_system_limit(tmp_path, cli):
 
 @pytest.mark.parametrize("when", ["first-tensor", "later-tensor", "close", "side-files"])
 def test_disk_full_mid_write(when, tmp_path, cli, monkeypatch):
-    from clawconvert.io import staged, writers
+    from clawconvert.io import staged
     count = {"n": 0}
     enospc = OSError(errno.ENOSPC, "No space left on device")
     if when in ("first-tensor", "later-tensor"):
         budget = 0 if when == "first-tensor" else 1_000_000
-        real_pwrite_all = writers._pwrite_all
+        real_pwrite_all = staged.pwrite_all
 
         def pwrite_all(fd, data, offset, path):
             """The disk fills up after ``budget`` more bytes of tensor data."""
             count["n"] += memoryview(data).nbytes
             if count["n"] > budget:
-                raise writers._with_file(OSError(errno.ENOSPC, "No space left on device"), path)
+                raise staged.with_file(OSError(errno.ENOSPC, "No space left on device"), path)
             return real_pwrite_all(fd, data, offset, path)
-        monkeypatch.setattr(writers, "_pwrite_all", pwrite_all)  # every output byte goes through it
+        monkeypatch.setattr(staged, "pwrite_all", pwrite_all)  # every output byte goes through it
     elif when == "close":
         monkeypatch.setattr(staged.os, "fsync", lambda fd: (_ for _ in ()).throw(enospc))
     else:

@@ -147,12 +147,10 @@ def contiguous(x: np.ndarray) -> np.ndarray:
     Transposed views of 1 MB and up are copied in tiles (:func:`_tiled_copy`): numpy's own
     copy of a transposed matrix walks the source with a stride of a whole row and runs at a
     quarter of the speed."""
-    if x.flags.c_contiguous:
+    if x.flags.c_contiguous:   # 0-d arrays always are
         return x
-    if x.ndim < 2 or x.nbytes < _TILED_FROM:
-        return np.array(x, order="C")
     out = np.empty(x.shape, x.dtype)
-    _tiled_copy(out, x)
+    copy_into(out, x)
     return out
 
 

@@ -70,7 +70,6 @@ class Handoff:
             self._cv.notify_all()
 
 
-
 def write_pipelined(items: Iterable[tuple], sink: Any) -> int:
     """Produce ``items`` on a worker thread and hand each to ``sink`` here; returns the count.
 

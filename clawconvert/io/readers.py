@@ -625,6 +625,8 @@ class NpzStore(TensorStore):
     so a truncated or contradictory member is refused before anything is read.
     """
 
+    MAX_CHECKS_WAITING = 2   # members read but not yet CRC-checked (checks_deferred): a few tensors
+
     def __init__(self, path: Path):
         super().__init__(path)
         require_file(Path(path), ".npz archive")
@@ -719,8 +721,6 @@ class NpzStore(TensorStore):
             self._checks.append((m, self._checker.submit(lambda: zlib.crc32(buf, zlib.crc32(head)))))
         return buf
 
-    MAX_CHECKS_WAITING = 2   # members read but not yet checked: memory stays a few tensors
-
     def _check_crc(self, m: zipfile.ZipInfo, crc: int) -> None:
         if crc != m.CRC:
             raise ClawError(f"{self.path}: member '{m.filename}' is corrupt (Bad CRC-32)")
@@ -756,13 +756,7 @@ class NpzStore(TensorStore):
         return self._starts[m.filename]
 
     def data_offset(self, m: zipfile.ZipInfo) -> int:
-        """Absolute offset of a stored member's array data: local zip header, then the .npy header."""
-        if m.filename not in self._data_starts:
-            begin = self._member_start(m)
-            with open(self.path, "rb") as f:
-                f.seek(begin)
-                read_npy_header(f)
-                self._data_starts[m.filename] = f.tell()
+        """Absolute offset of a stored (uncompressed) member's array data, found by the scan."""
         return self._data_starts[m.filename]
 
     def _read(self, name: str, info: TensorInfo) -> np.ndarray:

@@ -51,9 +51,16 @@ def with_file(e: OSError, path: Path) -> OSError:
     return OSError(e.errno, e.strerror or str(e), str(path))
 
 
+def as_bytes(data) -> memoryview:
+    """A flat byte view of a bytes-like object, without copying."""
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 def pwrite_all(fd: int, data, offset: int, path: Path) -> None:
-    """Write all of ``data`` at ``offset`` (the one place output bytes reach a file)."""
-    view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+    """Write all of ``data`` at ``offset``: every output byte reaches its file here (tests
+    replace this function to fill the disk)."""
+    view = as_bytes(data)
     done = 0
     try:
         while done < len(view):
@@ -82,13 +89,12 @@ class _Stage:
 class Staging:
     """The ring of buffers and the two threads behind them, shared by a writer's files."""
 
-    def __init__(self, stages: int = STAGES, stage_bytes: int = STAGE_BYTES, write=None):
+    def __init__(self, stages: int = STAGES, stage_bytes: int = STAGE_BYTES):
         self.stage_bytes = stage_bytes
         self._count = stages
         self._made = 0
         self._ring: deque[_Stage] = deque()   # submitted, oldest first
         self._idle: list[_Stage] = []
-        self._write = write            # pwrite_all, looked up late so tests can wrap it
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawconvert-write")
         self._sha = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawconvert-sha256")
 
@@ -117,8 +123,7 @@ class Staging:
     def submit(self, stage: _Stage, fd: int, nbytes: int, padded: int, offset: int, path: Path, sha) -> None:
         """Write ``padded`` bytes of ``stage`` at ``offset`` and hash its first ``nbytes``."""
         view = memoryview(stage.buf)[:padded]
-        write = self._write or pwrite_all
-        stage.busy.append(self._io.submit(write, fd, view, offset, path))
+        stage.busy.append(self._io.submit(pwrite_all, fd, view, offset, path))
         if sha is not None:
             stage.busy.append(self._sha.submit(sha.update, view[:nbytes]))
         self._ring.append(stage)
@@ -138,11 +143,11 @@ class Staging:
 class StagedFile:
     """One output file, written in order through ``staging``; see the module docstring."""
 
-    def __init__(self, path: Path, staging: Staging, direct: bool | None = None):
+    def __init__(self, path: Path, staging: Staging):
         self.path = Path(path)
         self._staging = staging
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self.direct = direct_io_wanted() if direct is None else direct
+        self.direct = direct_io_wanted()
         self.fd = -1
         if self.direct:
             try:
@@ -190,11 +195,11 @@ class StagedFile:
 
     def write_at(self, offset: int, data) -> None:
         """``data`` (bytes-like) at ``offset``."""
-        view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+        view = as_bytes(data)
         if offset != self.pos:
             self._leave_order()
         if not self.in_order:
-            (self._staging._write or pwrite_all)(self.fd, view, offset, self.path)
+            pwrite_all(self.fd, view, offset, self.path)
             return
         done = 0
         while done < len(view):
@@ -208,7 +213,7 @@ class StagedFile:
         """A numpy array's C-order bytes at ``offset``, laid out directly in the buffers (a
         transposed view is copied once, in tiles, instead of made contiguous and then copied)."""
         if offset != self.pos or not self.in_order or arr.ndim == 0 or arr.shape[0] == 0:
-            self.write_at(offset, memoryview(contiguous(arr).reshape(-1).view(np.uint8)))
+            self.write_at(offset, contiguous(arr).reshape(-1).view(np.uint8))
             return
         step = arr.nbytes // arr.shape[0]          # bytes of one slice along the first axis
         i = 0
@@ -216,7 +221,7 @@ class StagedFile:
             room = self._room()
             k = min(len(room) // step, arr.shape[0] - i)
             if k == 0:   # the buffer ends inside a slice: that slice alone goes through a copy
-                self.write_at(self.pos, memoryview(contiguous(arr[i]).reshape(-1).view(np.uint8)))
+                self.write_at(self.pos, contiguous(arr[i]).reshape(-1).view(np.uint8))
                 i += 1
                 continue
             dest = np.frombuffer(room[:k * step], dtype=arr.dtype).reshape((k,) + arr.shape[1:])
@@ -243,7 +248,7 @@ class StagedFile:
                 if self.in_order:
                     self._advance(n)
                 else:
-                    (self._staging._write or pwrite_all)(self.fd, dest, offset + done, self.path)
+                    pwrite_all(self.fd, dest, offset + done, self.path)
                 done += n
 
     def _leave_order(self) -> None:
@@ -259,7 +264,7 @@ class StagedFile:
         self._stage = None
         if stage is not None:
             if n:
-                (self._staging._write or pwrite_all)(self.fd, memoryview(stage.buf)[:n], self._start, self.path)
+                pwrite_all(self.fd, memoryview(stage.buf)[:n], self._start, self.path)
             self._staging.give_back(stage)
 
     # -- finishing -------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import ClawError
 from ..provenance import remember_hash
 from . import dtypes
-from .staged import Staging, StagedFile, pwrite_all, stage_size, with_file
+from .staged import Staging, StagedFile, stage_size, with_file
 from .dtypes import SAFETENSORS_DTYPES, DType, as_numpy, cast, contiguous, dtype_of
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.I)
@@ -39,13 +39,6 @@ def parse_size(text: str | int) -> int:
     if not m or unit not in _UNITS:
         raise ClawError(f"cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
     return int(float(m.group(1)) * _UNITS[unit])
-
-
-_with_file = with_file
-
-
-def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:
-    pwrite_all(fd, data, offset, path)
 
 
 def tensor_bytes(t) -> memoryview:
@@ -95,8 +88,7 @@ class SafetensorsWriter:
         self.files: list[Path] = []
         self._where: dict[str, tuple[int, int, int, DType, tuple[int, ...]]] = {}
         self._out: list[StagedFile] = []
-        self._staging = Staging(stage_bytes=stage_size(sum(math.prod(e[1]) * e[2].itemsize for e in plan)),
-                                write=_pwrite_all)
+        self._staging = Staging(stage_bytes=stage_size(sum(math.prod(e[1]) * e[2].itemsize for e in plan)))
         self._sizes: list[int] = []   # each file's final size
         self.hashes: dict[str, str] = {}
         self.total_size = 0
@@ -192,7 +184,7 @@ class SafetensorsWriter:
             try:
                 ipath.write_text(json.dumps(index, indent=2) + "\n")
             except OSError as e:
-                raise _with_file(e, ipath) from e
+                raise with_file(e, ipath) from e
             return self.files + [ipath]
         return list(self.files)
 
@@ -224,13 +216,13 @@ class NpzWriter:
             with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, arr, allow_pickle=False)
         except OSError as e:
-            raise _with_file(e, self.path) from e
+            raise with_file(e, self.path) from e
 
     def close(self) -> list[Path]:
         try:
             self._zip.close()
         except OSError as e:
-            raise _with_file(e, self.path) from e
+            raise with_file(e, self.path) from e
         return [self.path]
 
     def abort(self) -> None:
