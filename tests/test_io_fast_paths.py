@@ -3,7 +3,7 @@
 - staged output files (``io/staged.py``): O_DIRECT or the page cache, in or out of order,
   read back with the ``safetensors`` library and hashed with hashlib;
 - tiled transposes (``io/dtypes.contiguous``) against numpy's own copy;
-- CRC-32 checks of .npz members run on their own thread during a conversion and still
+- CRC-32 checks of .npz members (zip's CRC, computed by ISA-L) run on their own thread during a conversion and still
   refuse a corrupt member, leaving nothing behind;
 - merge-lora's banded Linear merge against the whole-matrix float32 arithmetic.
 """
@@ -158,6 +158,19 @@ def _corrupt_member(src: Path, dst: Path, member_suffix: str) -> str:
     raw[at] ^= 0xFF
     dst.write_bytes(bytes(raw))
     return m.filename
+
+
+def test_the_npz_crc32_is_zips_crc32():
+    """The reader's CRC-32 (ISA-L's when installed) gives zlib's value, chained and not."""
+    import zlib
+
+    from clawconvert.io.readers import crc32
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 4096, 1_000_003):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        head = bytes(rng.integers(0, 256, 128, dtype=np.uint8))
+        assert crc32(memoryview(data)) == zlib.crc32(memoryview(data))
+        assert crc32(memoryview(data), crc32(head)) == zlib.crc32(memoryview(data), zlib.crc32(head))
 
 
 @pytest.mark.parametrize("fixture", ["siglip_tiny.npz", "siglip_tiny_scan.npz"])

@@ -23,13 +23,17 @@ import sys
 import struct
 import warnings
 import zipfile
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+try:    # ISA-L's CRC-32 (same polynomial as zip's): ~10 GB/s, where zlib 1.2 manages ~3
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+    from zlib import crc32
 
 from ..errors import ClawError
 from .dtypes import SAFETENSORS_DTYPES, DType, as_numpy, contiguous, dtype_of, itemsize
@@ -714,11 +718,11 @@ class NpzStore(TensorStore):
         if buf is None:
             raise ClawError(f"{self.path}: member '{m.filename}' is truncated")
         if self._checker is None:
-            self._check_crc(m, zlib.crc32(buf, zlib.crc32(head)))
+            self._check_crc(m, crc32(buf, crc32(head)))
         else:
             while len(self._checks) >= self.MAX_CHECKS_WAITING:
                 self._settle_check()
-            self._checks.append((m, self._checker.submit(lambda: zlib.crc32(buf, zlib.crc32(head)))))
+            self._checks.append((m, self._checker.submit(lambda: crc32(buf, crc32(head)))))
         return buf
 
     def _check_crc(self, m: zipfile.ZipInfo, crc: int) -> None:
