@@ -5,7 +5,8 @@
 - tiled transposes (``io/dtypes.contiguous``) against numpy's own copy;
 - CRC-32 checks of .npz members (zip's CRC, computed by ISA-L) run on their own thread during a conversion and still
   refuse a corrupt member, leaving nothing behind;
-- merge-lora's banded Linear merge against the whole-matrix float32 arithmetic.
+- merge-lora's banded Linear merge against the whole-matrix float32 arithmetic, and split
+  over two threads against one.
 """
 from __future__ import annotations
 
@@ -208,3 +209,37 @@ def test_banded_lora_merge_matches_whole_matrix_arithmetic():
         got = merged_linear(bf, f, module, bf.dtype).astype(np.float32)
         want = merge_into(bf.astype(np.float32), f, module, False).astype(ml_dtypes.bfloat16).astype(np.float32)
         assert np.mean(got != want) < 1e-3 and np.max(np.abs(got - want)) <= 2 ** -6 * np.abs(want).max()
+
+
+def test_a_large_merge_split_over_two_threads_gives_the_same_bytes(monkeypatch):
+    """Weights past TWO_THREADS_FROM are merged in two halves (one on the helper thread):
+    the same bands, so the same bytes as one thread; an error in either half is raised."""
+    from threadpoolctl import threadpool_limits
+
+    from clawconvert.surgery import lora
+
+    class Factors:
+        def __init__(self, d):
+            self.d = d
+
+        def read(self, key):
+            return self.d[key]
+    rng = np.random.default_rng(1)
+    module = lora.LoraModule("m", "linear", "a", "b", scale=0.5, r=8)
+    w = rng.standard_normal((4099, 300)).astype(ml_dtypes.bfloat16)
+    f = Factors({"a": rng.standard_normal((8, 300)).astype(np.float32) * 0.05,
+                 "b": rng.standard_normal((4099, 8)).astype(np.float32) * 0.05})
+    calls = []
+    real = lora._merge_rows
+    monkeypatch.setattr(lora, "_merge_rows", lambda *a: (calls.append(a[-2:]), real(*a))[1])
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = lora.merged_linear(w, f, module, w.dtype)
+        monkeypatch.setattr(lora, "TWO_THREADS_FROM", 0)
+        two = lora.merged_linear(w, f, module, w.dtype)
+    halves = sorted(calls[1:])
+    assert calls[0] == (0, 4099) and len(halves) == 2 and halves[0][0] == 0 and halves[0][1] == halves[1][0] and halves[1][1] == 4099
+    assert one.view(np.uint16).tobytes() == two.view(np.uint16).tobytes()
+    assert not np.array_equal(two.astype(np.float32), w.astype(np.float32))      # it did merge
+    f.d["b"] = f.d["b"][:4000]                                                   # half 2 fails
+    with pytest.raises(ValueError):
+        lora.merged_linear(w, f, module, w.dtype)

@@ -13,6 +13,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from .pipeline import helper_pool
+
 
 @dataclass(frozen=True)
 class DType:
@@ -198,21 +200,12 @@ def _tiled_copy(out: np.ndarray, x: np.ndarray) -> None:
         band(0, n)
         return
     half = (n // 2 + rows - 1) // rows * rows   # two bands of whole tiles, one on a helper thread
-    helper = _copy_pool().submit(band, half, n)
+    helper = helper_pool().submit(band, half, n)
     band(0, half)
     helper.result()
 
 
 _TWO_THREADS_FROM = 8 << 20
-_POOL = None
-
-
-def _copy_pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawconvert-copy")
-    return _POOL
 
 
 def cast(x: np.ndarray, dtype: DType) -> np.ndarray:

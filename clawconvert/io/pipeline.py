@@ -17,6 +17,18 @@ from typing import Any, Iterable
 IN_FLIGHT_BYTES = 32 << 20   # finished tensors waiting for the writer, at most (one is always let through)
 MAX_WAITING = 2              # and at most this many of them: memory follows the largest tensor, not the model
 
+_HELPER = None
+
+
+def helper_pool():
+    """One worker thread that takes the second half of a large transpose or merge while the
+    calling thread does the first (numpy releases the GIL in both)."""
+    global _HELPER
+    if _HELPER is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawconvert-helper")
+    return _HELPER
+
 
 class Handoff:
     """A queue between the producing and the writing thread, bounded by bytes, that either

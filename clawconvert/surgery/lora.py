@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ClawError
+from ..io.pipeline import helper_pool
 from ..io.readers import TensorStore, open_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -282,7 +284,8 @@ def merge_into(weight: np.ndarray, adapter: Adapter, module: LoraModule, fan_in_
     return weight
 
 
-BAND_BYTES = 1 << 20   # float32 rows merged at a time: the band stays in cache from matmul to cast
+BAND_BYTES = 1 << 20          # float32 rows merged at a time: the band stays in cache from matmul to cast
+TWO_THREADS_FROM = 8 << 20    # weights this large are merged in two halves, one on the helper thread
 
 
 def merged_linear(weight: np.ndarray, adapter: Adapter, module: LoraModule, out_dtype: np.dtype) -> np.ndarray:
@@ -291,22 +294,37 @@ def merged_linear(weight: np.ndarray, adapter: Adapter, module: LoraModule, out_
 
     The same float32 arithmetic as :func:`merge_into` (PEFT's ``get_delta_weight``: the
     product, then the scale, then the sum), but each band is cast in, merged and cast out
-    while it is in cache, instead of four passes over a float32 copy of the whole matrix."""
+    while it is in cache, instead of four passes over a float32 copy of the whole matrix.
+    A large weight's second half of rows is merged on the helper thread meanwhile."""
     a, b = adapter.read(module.a), adapter.read(module.b)
     rows_total, cols = weight.shape
     rows = max(8, min(rows_total, BAND_BYTES // max(1, cols * 4)))
     out = np.empty(weight.shape, out_dtype)
-    band = np.empty((rows, cols), np.float32)
-    delta = np.empty((rows, cols), np.float32)
-    for i in range(0, rows_total, rows):
-        j = min(i + rows, rows_total)
+    if weight.nbytes < TWO_THREADS_FROM or rows_total < 2 * rows:
+        _merge_rows(weight, a, b, module.scale, out, rows, 0, rows_total)
+        return out
+    half = (rows_total // 2 + rows - 1) // rows * rows
+    helper = helper_pool().submit(_merge_rows, weight, a, b, module.scale, out, rows, half, rows_total)
+    try:
+        _merge_rows(weight, a, b, module.scale, out, rows, 0, half)
+    finally:
+        wait([helper])      # never leave the helper writing into ``out`` after an error here
+    helper.result()
+    return out
+
+
+def _merge_rows(weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, out: np.ndarray,
+                rows: int, first: int, last: int) -> None:
+    band = np.empty((rows, weight.shape[1]), np.float32)
+    delta = np.empty((rows, weight.shape[1]), np.float32)
+    for i in range(first, last, rows):
+        j = min(i + rows, last)
         x, d = band[:j - i], delta[:j - i]
         np.matmul(b[i:j], a, out=d)
-        d *= module.scale
+        d *= scale
         x[...] = weight[i:j]          # to float32
         x += d
         out[i:j] = x                  # to the output dtype, rounding to nearest even
-    return out
 
 
 def bias_delta(adapter: Adapter, module: LoraModule) -> np.ndarray:
