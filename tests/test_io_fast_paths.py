@@ -212,10 +212,11 @@ def test_banded_lora_merge_matches_whole_matrix_arithmetic():
 
 
 def test_a_large_merge_split_over_two_threads_gives_the_same_bytes(monkeypatch):
-    """Weights past TWO_THREADS_FROM are merged in two halves (one on the helper thread):
+    """Weights past pipeline.TWO_THREADS_FROM are merged in two halves (one on the helper thread):
     the same bands, so the same bytes as one thread; an error in either half is raised."""
     from threadpoolctl import threadpool_limits
 
+    from clawconvert.io import pipeline
     from clawconvert.surgery import lora
 
     class Factors:
@@ -234,7 +235,7 @@ def test_a_large_merge_split_over_two_threads_gives_the_same_bytes(monkeypatch):
     monkeypatch.setattr(lora, "_merge_rows", lambda *a: (calls.append(a[-2:]), real(*a))[1])
     with threadpool_limits(limits=1, user_api="blas"):
         one = lora.merged_linear(w, f, module, w.dtype)
-        monkeypatch.setattr(lora, "TWO_THREADS_FROM", 0)
+        monkeypatch.setattr(pipeline, "TWO_THREADS_FROM", 0)
         two = lora.merged_linear(w, f, module, w.dtype)
     halves = sorted(calls[1:])
     assert calls[0] == (0, 4099) and len(halves) == 2 and halves[0][0] == 0 and halves[0][1] == halves[1][0] and halves[1][1] == 4099

@@ -13,7 +13,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .pipeline import helper_pool
+from .pipeline import TWO_THREADS_FROM, in_two_halves
 
 
 @dataclass(frozen=True)
@@ -196,16 +196,10 @@ def _tiled_copy(out: np.ndarray, x: np.ndarray) -> None:
                 out[tile] = x[tile]
 
     n = x.shape[write_ax]
-    if x.nbytes < _TWO_THREADS_FROM or n < 2 * rows:
+    if x.nbytes < TWO_THREADS_FROM or n < 2 * rows:
         band(0, n)
-        return
-    half = (n // 2 + rows - 1) // rows * rows   # two bands of whole tiles, one on a helper thread
-    helper = helper_pool().submit(band, half, n)
-    band(0, half)
-    helper.result()
-
-
-_TWO_THREADS_FROM = 8 << 20
+    else:
+        in_two_halves(band, n, rows)   # two bands of whole tiles, one on the helper thread
 
 
 def cast(x: np.ndarray, dtype: DType) -> np.ndarray:

@@ -12,22 +12,31 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections import deque
-from typing import Any, Iterable
+from concurrent.futures import wait
+from typing import Any, Callable, Iterable
 
 IN_FLIGHT_BYTES = 32 << 20   # finished tensors waiting for the writer, at most (one is always let through)
 MAX_WAITING = 2              # and at most this many of them: memory follows the largest tensor, not the model
 
+TWO_THREADS_FROM = 8 << 20   # arrays this large are transposed or merged in two halves (in_two_halves)
 _HELPER = None
 
 
-def helper_pool():
-    """One worker thread that takes the second half of a large transpose or merge while the
-    calling thread does the first (numpy releases the GIL in both)."""
+def in_two_halves(work: Callable[[int, int], None], n: int, step: int) -> None:
+    """``work(0, half)`` on this thread and ``work(half, n)`` on the helper thread, ``half`` a
+    multiple of ``step`` near ``n / 2`` (numpy releases the GIL, so both run at once).  Both
+    halves are finished before this returns or raises."""
     global _HELPER
     if _HELPER is None:
         from concurrent.futures import ThreadPoolExecutor
         _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawconvert-helper")
-    return _HELPER
+    half = (n // 2 + step - 1) // step * step
+    helper = _HELPER.submit(work, half, n)
+    try:
+        work(0, half)
+    finally:
+        wait([helper])      # never leave the helper writing after an error here
+    helper.result()
 
 
 class Handoff:

@@ -20,14 +20,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from concurrent.futures import wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ClawError
-from ..io.pipeline import helper_pool
+from ..io import pipeline
 from ..io.readers import TensorStore, open_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -284,8 +283,7 @@ def merge_into(weight: np.ndarray, adapter: Adapter, module: LoraModule, fan_in_
     return weight
 
 
-BAND_BYTES = 1 << 20          # float32 rows merged at a time: the band stays in cache from matmul to cast
-TWO_THREADS_FROM = 8 << 20    # weights this large are merged in two halves, one on the helper thread
+BAND_BYTES = 1 << 20   # float32 rows merged at a time: the band stays in cache from matmul to cast
 
 
 def merged_linear(weight: np.ndarray, adapter: Adapter, module: LoraModule, out_dtype: np.dtype) -> np.ndarray:
@@ -300,16 +298,12 @@ def merged_linear(weight: np.ndarray, adapter: Adapter, module: LoraModule, out_
     rows_total, cols = weight.shape
     rows = max(8, min(rows_total, BAND_BYTES // max(1, cols * 4)))
     out = np.empty(weight.shape, out_dtype)
-    if weight.nbytes < TWO_THREADS_FROM or rows_total < 2 * rows:
-        _merge_rows(weight, a, b, module.scale, out, rows, 0, rows_total)
-        return out
-    half = (rows_total // 2 + rows - 1) // rows * rows
-    helper = helper_pool().submit(_merge_rows, weight, a, b, module.scale, out, rows, half, rows_total)
-    try:
-        _merge_rows(weight, a, b, module.scale, out, rows, 0, half)
-    finally:
-        wait([helper])      # never leave the helper writing into ``out`` after an error here
-    helper.result()
+    def merge(first: int, last: int) -> None:
+        _merge_rows(weight, a, b, module.scale, out, rows, first, last)
+    if weight.nbytes < pipeline.TWO_THREADS_FROM or rows_total < 2 * rows:
+        merge(0, rows_total)
+    else:
+        pipeline.in_two_halves(merge, rows_total, rows)
     return out
 
 
