@@ -76,33 +76,37 @@ class Plan:
                 copy = self._byte_copy(rule, producer, out_dtypes, sink)
                 if copy is not None:
                     yield ("copy", rule.format[0], copy)
-                    uses[rule.canonical[0]] -= 1
-                    if uses[rule.canonical[0]] == 0:
-                        cache.pop(rule.canonical[0], None)
-                    continue
-                for c in rule.canonical:
-                    if c not in cache:
-                        src = producer[c]
-                        xs = [self.source.read(k) for k in src.format]
-                        try:
-                            ys = src.chain.load(xs)
-                        except ClawError as e:
-                            raise ClawError(f"{src.origin}: {e}") from e
-                        del xs
-                        for name, y in zip(src.canonical, ys):
-                            if uses[name]:
-                                cache[name] = y
-                try:
-                    outs = rule.chain.save([cache[c] for c in rule.canonical])
-                except ClawError as e:
-                    raise ClawError(f"{rule.origin}: {e}") from e
-                for name, t in zip(rule.format, outs):
-                    yield ("write", name, cast(t, out_dtypes[name]))   # a view stays a view: the writer lays it out
-                del outs
-                for c in rule.canonical:
+                else:
+                    self._load_canonical(rule.canonical, producer, uses, cache)
+                    try:
+                        outs = rule.chain.save([cache[c] for c in rule.canonical])
+                    except ClawError as e:
+                        raise ClawError(f"{rule.origin}: {e}") from e
+                    for name, t in zip(rule.format, outs):
+                        yield ("write", name, cast(t, out_dtypes[name]))   # a view stays a view: the writer lays it out
+                    del outs
+                for c in rule.canonical:   # drop canonical tensors no later rule needs
                     uses[c] -= 1
                     if uses[c] == 0:
                         cache.pop(c, None)
+
+    def _load_canonical(self, names: Iterable[str], producer: dict[str, Rule], uses: Counter,
+                        cache: dict[str, np.ndarray]) -> None:
+        """Read and transform (source table) every canonical tensor in ``names`` not yet in
+        ``cache``; a source rule's other outputs are kept too while later rules need them."""
+        for c in names:
+            if c in cache:
+                continue
+            src = producer[c]
+            xs = [self.source.read(k) for k in src.format]
+            try:
+                ys = src.chain.load(xs)
+            except ClawError as e:
+                raise ClawError(f"{src.origin}: {e}") from e
+            del xs
+            for name, y in zip(src.canonical, ys):
+                if uses[name]:
+                    cache[name] = y
 
     def _byte_copy(self, rule: Rule, producer: dict[str, Rule], out_dtypes: dict[str, DType],
                    sink: TensorSink) -> tuple | None:

@@ -187,21 +187,25 @@ def test_a_corrupt_npz_member_is_refused_mid_conversion(tmp_path, cli, fixture):
     assert src.read_bytes() == before
 
 
+class _Factors:
+    """An adapter's LoRA factors from a dict: what merged_linear / merge_into read."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def read(self, key):
+        return self.d[key]
+
+
 def test_banded_lora_merge_matches_whole_matrix_arithmetic():
     from clawconvert.surgery.lora import LoraModule, merge_into, merged_linear
 
-    class Factors:
-        def __init__(self, d):
-            self.d = d
-
-        def read(self, key):
-            return self.d[key]
     rng = np.random.default_rng(0)
     module = LoraModule("m", "linear", "a", "b", scale=2.0, r=16)
     for rows, cols in [(600, 700), (37, 11), (3000, 90)]:
         w = rng.standard_normal((rows, cols)).astype(np.float32)
-        f = Factors({"a": rng.standard_normal((16, cols)).astype(np.float32) * 0.05,
-                     "b": rng.standard_normal((rows, 16)).astype(np.float32) * 0.05})
+        f = _Factors({"a": rng.standard_normal((16, cols)).astype(np.float32) * 0.05,
+                      "b": rng.standard_normal((rows, 16)).astype(np.float32) * 0.05})
         whole = merge_into(w.copy(), f, module, fan_in_fan_out=False)
         banded = merged_linear(w, f, module, np.dtype(np.float32))
         np.testing.assert_allclose(banded, whole, rtol=1e-6, atol=1e-6)
@@ -219,17 +223,11 @@ def test_a_large_merge_split_over_two_threads_gives_the_same_bytes(monkeypatch):
     from clawconvert.io import pipeline
     from clawconvert.surgery import lora
 
-    class Factors:
-        def __init__(self, d):
-            self.d = d
-
-        def read(self, key):
-            return self.d[key]
     rng = np.random.default_rng(1)
     module = lora.LoraModule("m", "linear", "a", "b", scale=0.5, r=8)
     w = rng.standard_normal((4099, 300)).astype(ml_dtypes.bfloat16)
-    f = Factors({"a": rng.standard_normal((8, 300)).astype(np.float32) * 0.05,
-                 "b": rng.standard_normal((4099, 8)).astype(np.float32) * 0.05})
+    f = _Factors({"a": rng.standard_normal((8, 300)).astype(np.float32) * 0.05,
+                  "b": rng.standard_normal((4099, 8)).astype(np.float32) * 0.05})
     calls = []
     real = lora._merge_rows
     monkeypatch.setattr(lora, "_merge_rows", lambda *a: (calls.append(a[-2:]), real(*a))[1])

@@ -13,7 +13,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .pipeline import TWO_THREADS_FROM, in_two_halves
+from .pipeline import in_two_halves
 
 
 @dataclass(frozen=True)
@@ -195,11 +195,7 @@ def _tiled_copy(out: np.ndarray, x: np.ndarray) -> None:
                 tile = tuple(index)
                 out[tile] = x[tile]
 
-    n = x.shape[write_ax]
-    if x.nbytes < TWO_THREADS_FROM or n < 2 * rows:
-        band(0, n)
-    else:
-        in_two_halves(band, n, rows)   # two bands of whole tiles, one on the helper thread
+    in_two_halves(band, x.shape[write_ax], rows, x.nbytes)   # large: two bands of whole tiles, one on the helper thread
 
 
 def cast(x: np.ndarray, dtype: DType) -> np.ndarray:

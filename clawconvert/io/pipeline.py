@@ -22,10 +22,14 @@ TWO_THREADS_FROM = 8 << 20   # arrays this large are transposed or merged in two
 _HELPER = None
 
 
-def in_two_halves(work: Callable[[int, int], None], n: int, step: int) -> None:
+def in_two_halves(work: Callable[[int, int], None], n: int, step: int, nbytes: int) -> None:
     """``work(0, half)`` on this thread and ``work(half, n)`` on the helper thread, ``half`` a
-    multiple of ``step`` near ``n / 2`` (numpy releases the GIL, so both run at once).  Both
-    halves are finished before this returns or raises."""
+    multiple of ``step`` near ``n / 2`` (numpy releases the GIL, so both run at once); plain
+    ``work(0, n)`` when the data (``nbytes``) is under ``TWO_THREADS_FROM`` or ``n`` under two
+    steps.  Both halves are finished before this returns or raises."""
+    if nbytes < TWO_THREADS_FROM or n < 2 * step:
+        work(0, n)
+        return
     global _HELPER
     if _HELPER is None:
         from concurrent.futures import ThreadPoolExecutor

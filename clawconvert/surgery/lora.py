@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ClawError
-from ..io import pipeline
+from ..io.pipeline import in_two_halves
 from ..io.readers import TensorStore, open_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -298,12 +298,10 @@ def merged_linear(weight: np.ndarray, adapter: Adapter, module: LoraModule, out_
     rows_total, cols = weight.shape
     rows = max(8, min(rows_total, BAND_BYTES // max(1, cols * 4)))
     out = np.empty(weight.shape, out_dtype)
+
     def merge(first: int, last: int) -> None:
         _merge_rows(weight, a, b, module.scale, out, rows, first, last)
-    if weight.nbytes < pipeline.TWO_THREADS_FROM or rows_total < 2 * rows:
-        merge(0, rows_total)
-    else:
-        pipeline.in_two_halves(merge, rows_total, rows)
+    in_two_halves(merge, rows_total, rows, weight.nbytes)
     return out
 
 
