@@ -129,7 +129,10 @@ class Plan:
         span = src.chain.load_span(info.shape, src.canonical.index(c))
         if span is None:
             return None
-        file, offset, _ = self.source.byte_range(key)
+        where = self.source.byte_range(key)
+        if where is None:      # a computed tensor (a merged LoRA delta): nothing to copy
+            return None
+        file, offset, _ = where
         return file, offset + span[0] * info.dtype.itemsize, span[1] * info.dtype.itemsize
 
 

@@ -221,7 +221,7 @@ def test_vision_tower_source_takes_the_vision_half_of_a_clip_model(tmp_path):
     store, vision_config = vision_tower_source(tmp_path / "clip")
     assert vision_config["model_type"] == "clip_vision_model" and vision_config["hidden_size"] == 32
     reference = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION))
-    want = {"vision_model." + k for k in reference.state_dict()}
+    want = {"vision/vision_model." + k for k in reference.state_dict()}   # canonical: the part, then CLIPVisionModel file names
     assert set(store.keys()) == want
 
 
@@ -262,4 +262,4 @@ def test_vision_without_connector_and_non_vision_source(vlm, tmp_path, capsys):
     assert "needs a connector" in _fails(capsys, tmp_path / "o1", base, adapter, "--vision", vision)
     torch.save(feature_proj().state_dict(), tmp_path / "fp.bin")
     line = _fails(capsys, tmp_path / "o2", base, adapter, "--vision", base, "--connector", tmp_path / "fp.bin")
-    assert "not an HF CLIP or SigLIP model" in line
+    assert "is not an HF vision model a LLaVA takes" in line

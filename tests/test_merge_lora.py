@@ -438,18 +438,3 @@ def test_not_an_adapter_and_existing_output(small, work, capsys):
     existing.mkdir()
     assert run_cli(base, adapter, existing) == 2
     assert "already exists" in capsys.readouterr().err
-
-
-def test_tie_defaults_table_matches_transformers():
-    """merge-lora reads tie_word_embeddings defaults from a table (no transformers import);
-    each entry must be what that model type's transformers config class applies."""
-    from transformers import CONFIG_MAPPING
-
-    from clawconvert.surgery.merge_lora import TIE_DEFAULTS, _effective_tie
-
-    for model_type, default in TIE_DEFAULTS.items():
-        assert CONFIG_MAPPING[model_type]().tie_word_embeddings is default, model_type
-        for explicit in (True, False):
-            assert CONFIG_MAPPING[model_type](tie_word_embeddings=explicit).tie_word_embeddings is explicit
-            assert _effective_tie(Path("."), {"model_type": model_type, "tie_word_embeddings": explicit}) is explicit
-        assert _effective_tie(Path("."), {"model_type": model_type}) is default

@@ -94,6 +94,10 @@ def register(sub) -> None:
     g.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template for the processor (default: a built-in one with image items, "
                         "ChatML when the tokenizer has <|im_start|>)")
+    p.add_argument("--layout", metavar="NAME",
+                   help="key layout of OUT, one of its architecture table's layouts (mappings/architectures/; "
+                        "`clawconvert inspect BASE` lists them); default: the table's write layout, the one most "
+                        "readers load (e.g. llava-hf: transformers 4.x and 5.x, vLLM)")
     add_output_options(p)
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="load .bin/.pt files without weights_only (runs code from the file: trusted files only)")
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         args.base, args.adapter, args.out, connector=args.connector, vision=args.vision, dtype=args.dtype,
         image_token=args.image_token, vision_feature_layer=args.vision_feature_layer,
         vision_feature_select_strategy=args.vision_feature_select_strategy, chat_template=args.chat_template,
-        max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle,
+        layout=args.layout, max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle,
         progress=not args.quiet and sys.stderr.isatty())
     m = result.merge
     print(f"wrote {result.destination} ({result.architecture}): {result.tensors} tensors, "

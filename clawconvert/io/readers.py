@@ -834,6 +834,35 @@ class _MultiStore(TensorStore):
         return self._owner[name].read(name)
 
 
+class GatheredStore(TensorStore):
+    """Tensors picked from several stores under new names: ``{name: (store, key)}``, in order.
+
+    Surgery that joins models (a language model, a vision tower and a connector into one VLM)
+    reads them through one of these, so the engine sees a single source."""
+
+    def __init__(self, path: Path, entries: dict[str, tuple[TensorStore, str]]):
+        super().__init__(path)
+        self._entries = entries
+        for name, (store, key) in entries.items():
+            info = store.info(key)
+            self._infos[name] = TensorInfo(name, info.shape, info.dtype, info.file)
+
+    def _read(self, name: str, info: TensorInfo) -> np.ndarray:
+        store, key = self._entries[name]
+        return store.read(key)
+
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        store, key = self._entries[name]
+        return store.byte_range(key) if hasattr(store, "byte_range") else None
+
+    @contextlib.contextmanager
+    def checks_deferred(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for store in {id(s): s for s, _ in self._entries.values()}.values():
+                stack.enter_context(store.checks_deferred())
+            yield
+
+
 def _open_pickle_index(index_path: Path, unsafe_pickle: bool) -> TensorStore:
     """``pytorch_model.bin.index.json``: the same checks as a safetensors index."""
     weight_map = read_weight_map(index_path)

@@ -6,42 +6,22 @@ vision tower's last hidden state without CLS is ``vision_feature_layer=-1`` with
 ``default`` strategy, and the positions of the replace token become ``<image>`` tokens that
 the processor expands to one per image feature.
 
-The output uses the llava-hf file layout (``language_model.model.*``, ``language_model.lm_head``,
-``vision_tower.vision_model.*``, ``multi_modal_projector.*``): transformers 4.x, 5.x and vLLM
-all load it.
+Which names the output uses is llava.yaml's ``write`` layout (llava-hf: ``language_model.model.*``,
+``vision_tower.vision_model.*``, ``multi_modal_projector.*``, which transformers 4.x, 5.x and vLLM
+all load); which file layouts a connector or a vision tower may come in is its ``part_sources``.
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..architectures import Layout, load_architecture
 from ..errors import ClawError
 from ..io.readers import TensorStore, open_tensors
 
-# Connector file layouts: a regex over each key, and which of its layers is linear_1 / linear_2.
-CONNECTOR_LAYOUTS = (
-    # nn.Sequential(Linear, GELU, Linear).state_dict(): feature_proj / other_params.bin ("0.weight"),
-    # LLaVA mm_projector.bin / non_lora_trainables.bin ("model.mm_projector.0.weight")
-    ("nn.Sequential", re.compile(r"^(?P<prefix>(?:.+\.)?)(?P<layer>[02])\.(?P<param>weight|bias)$"),
-     {"0": "linear_1", "2": "linear_2"}),
-    # HF LlavaForConditionalGeneration: "multi_modal_projector.linear_1.weight"
-    ("HF LLaVA", re.compile(r"^(?P<prefix>(?:.+\.)?multi_modal_projector\.)linear_(?P<layer>[12])\.(?P<param>weight|bias)$"),
-     {"1": "linear_1", "2": "linear_2"}),
-)
-
-# HF model types --vision accepts -> (vision tower model_type, tokens besides patches: CLS)
-VISION_MODEL_TYPES = {
-    "clip": ("clip_vision_model", 1),
-    "clip_vision_model": ("clip_vision_model", 1),
-    "siglip": ("siglip_vision_model", 0),
-    "siglip_vision_model": ("siglip_vision_model", 0),
-}
-
-# Output spelling of the language model's canonical names (see merge.canonical).
-LLAVA_LM_PREFIXES = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+CONNECTOR_ROLES = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -59,11 +39,8 @@ PLAIN_TEMPLATE = (  # llava-1.5 style
 )
 
 
-def llava_name(canonical_lm_name: str) -> str:
-    for old, new in LLAVA_LM_PREFIXES:
-        if canonical_lm_name.startswith(old):
-            return new + canonical_lm_name[len(old):]
-    raise ClawError(f"internal: no LLaVA name for language model tensor '{canonical_lm_name}'")
+def _table():
+    return load_architecture("llava")
 
 
 # ------------------------------------------------------------------------------------
@@ -71,11 +48,11 @@ def llava_name(canonical_lm_name: str) -> str:
 # ------------------------------------------------------------------------------------
 @dataclass
 class Connector:
-    """Linear-GELU-Linear weights found in some file: output role -> (store, key)."""
+    """Linear-GELU-Linear weights found in some file: role (``linear_1.weight``...) -> (store, key)."""
 
     origin: str                                # where it came from, for messages and the manifest
-    layout: str
-    tensors: dict[str, tuple[TensorStore, str]]  # "linear_1.weight" -> (store, key)
+    layout: str                                # the part_sources layout of llava.yaml that explains it
+    tensors: dict[str, tuple[TensorStore, str]]
 
     @property
     def bias(self) -> bool:
@@ -89,18 +66,29 @@ class Connector:
         return self.tensors[role][1]
 
 
+def _connector_match(layout: Layout, name: str) -> tuple[str, str] | None:
+    """(leading prefix, role) when ``name`` is a connector tensor under ``layout`` after some prefix
+    (``feature_proj.``, ``base_model.model.``...) at a dot boundary."""
+    starts = [0] + [i + 1 for i, ch in enumerate(name) if ch == "."]
+    for i in starts:
+        canonical = layout.to_canonical(name[i:])
+        if canonical is not None and canonical.removeprefix("connector/") in CONNECTOR_ROLES:
+            return name[:i], canonical.removeprefix("connector/")
+    return None
+
+
 def looks_like_connector(name: str) -> bool:
-    return any(pattern.match(name) for _, pattern, _ in CONNECTOR_LAYOUTS)
+    return any(_connector_match(lay, name) for lay in _table().part_sources["connector"])
 
 
 def detect_connector(store: TensorStore, names: Iterable[str], origin: str) -> Connector | None:
     """Find exactly one Linear-GELU-Linear group among ``names``; None when there is none."""
     found: dict[tuple[str, str], dict[str, str]] = {}
     for name in names:
-        for layout, pattern, layers in CONNECTOR_LAYOUTS:
-            m = pattern.match(name)
+        for layout in _table().part_sources["connector"]:
+            m = _connector_match(layout, name)
             if m:
-                found.setdefault((layout, m["prefix"]), {})[f"{layers[m['layer']]}.{m['param']}"] = name
+                found.setdefault((layout.name, m[0]), {})[m[1]] = name
                 break
     groups = {k: v for k, v in found.items() if {"linear_1.weight", "linear_2.weight"} <= set(v)}
     if not groups:
@@ -119,9 +107,9 @@ def open_connector(path: str | Path, unsafe_pickle: bool = False) -> Connector:
     conn = detect_connector(store, store.keys(), str(path))
     if conn is None:
         sample = ", ".join(sorted(store.keys())[:6])
-        raise ClawError(f"{path}: unknown connector layout (keys: {sample}); expected nn.Sequential "
-                        f"'0.weight, 0.bias, 2.weight, 2.bias', LLaVA 'model.mm_projector.{{0,2}}.*' or HF "
-                        f"'multi_modal_projector.linear_{{1,2}}.*' (Linear-GELU-Linear)")
+        known = "; ".join(f"{lay.name} ('{lay.prefixes[0][1]}...')" for lay in _table().part_sources["connector"])
+        raise ClawError(f"{path}: unknown connector layout (keys: {sample}); expected a Linear-GELU-Linear "
+                        f"state dict in one of the layouts of mappings/architectures/llava.yaml: {known}")
     return conn
 
 
@@ -151,13 +139,19 @@ def _read_config(path: Path) -> dict:
         raise ClawError(f"{file}: not valid JSON ({e.__class__.__name__})") from e
 
 
+def vision_towers() -> dict[str, dict]:
+    """``--vision`` model types (llava.yaml's ``vision_towers``): {tower model_type, prefix_tokens}."""
+    return _table().vision_towers
+
+
 def vision_tower_source(src: str | Path, scratch: Path | None = None,
                         unsafe_pickle: bool = False) -> tuple[TensorStore, dict]:
-    """The vision tower of ``src`` as (lazy tensors named ``vision_model.*``, HF vision_config dict).
+    """The vision tower of ``src`` as (lazy tensors under their canonical ``vision/...`` names,
+    HF vision_config dict).
 
-    An HF ``CLIPModel`` / ``SiglipModel`` directory (``vision_model.*`` + ``vision_config``) or
-    ``CLIPVisionModel`` / ``SiglipVisionModel`` directory is read in place.  Anything else
-    (OpenCLIP, big_vision, ...) goes through ``extract-visual`` into an HF vision tower under
+    An HF ``CLIPModel`` / ``SiglipModel`` directory or ``CLIPVisionModel`` / ``SiglipVisionModel``
+    directory is read in place, through llava.yaml's ``part_sources.vision`` layouts.  Anything
+    else (OpenCLIP, big_vision, ...) goes through ``extract-visual`` into an HF vision tower under
     ``scratch``, a directory the caller keeps until the tensors have been read.  The tensors'
     directory, ``store.path.parent``, also holds the tower's preprocessor config when it has one.
     """
@@ -170,28 +164,31 @@ def vision_tower_source(src: str | Path, scratch: Path | None = None,
         src = extract(src, Path(scratch) / "vision_tower", tower="visual", to="hf",
                       unsafe_pickle=unsafe_pickle).destination
     config = _read_config(src)
-    if config.get("model_type") not in VISION_MODEL_TYPES:
-        raise ClawError(f"{src}: model_type '{config.get('model_type')}' is not an HF CLIP or SigLIP model; "
-                        f"--vision takes {', '.join(VISION_MODEL_TYPES)} directories, or an OpenCLIP / big_vision "
+    towers = vision_towers()
+    if config.get("model_type") not in towers:
+        raise ClawError(f"{src}: model_type '{config.get('model_type')}' is not an HF vision model a LLaVA takes; "
+                        f"--vision takes {', '.join(towers)} directories, or an OpenCLIP / big_vision "
                         f"source that extract-visual accepts")
     model_type = config["model_type"]
-    tower_type, _ = VISION_MODEL_TYPES[model_type]
+    tower_type = towers[model_type]["tower"]
     vision_only = model_type == tower_type
     vision_config = dict(config if vision_only else config.get("vision_config") or {})
     for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         vision_config.pop(key, None)
     vision_config["model_type"] = tower_type
     store = open_tensors(src, unsafe_pickle=unsafe_pickle)
-    # transformers 5 may write a vision-only model without the 'vision_model.' level
-    bare = vision_only and not any(k.startswith("vision_model.") for k in store.keys())
-    store.rename(lambda k: "vision_model." + k if bare else (k if k.startswith("vision_model.") else None))
+    full, bare = _table().part_source("vision", "full-model"), _table().part_source("vision", "bare")
+    # a full model keeps the tower under vision_model.; transformers 5 writes a lone tower without that level
+    layout = full if not vision_only or any(full.to_canonical(k) for k in store.keys()) else bare
+    store.rename(layout.to_canonical)
     if not len(store):
-        raise ClawError(f"{src}: no vision_model.* tensors in its weights")
+        raise ClawError(f"{src}: no vision tower tensors in its weights (layout {layout.name}: "
+                        f"'{layout.prefixes[0][1]}...')")
     return store, vision_config
 
 
 def num_additional_tokens(vision_config: dict) -> int:
-    return VISION_MODEL_TYPES[vision_config["model_type"]][1]
+    return int(vision_towers()[vision_config["model_type"]]["prefix_tokens"])
 
 
 def image_processor_for(src: Path, vision_config: dict):

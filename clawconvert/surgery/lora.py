@@ -62,14 +62,6 @@ UNSUPPORTED_OPTIONS = {
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
-# model types whose projections are transformers' Conv1D, weights stored (in, out)
-CONV1D_MODEL_TYPES = (
-    "gpt2",                  # c_attn, c_proj, c_fc
-    "openai-gpt",
-    "imagegpt",
-    "decision_transformer",  # a GPT-2 inside
-)
-
 
 def match_pattern(patterns: dict, module_path: str):
     """PEFT's ``get_pattern_key``: the first key K with ``(.*\\.)?(K)$`` matching the path."""
@@ -243,20 +235,20 @@ class Adapter:
 
 
 def layer_fan_in_fan_out(adapter: Adapter, module: LoraModule, weight_shape: tuple[int, ...],
-                         model_type: str) -> bool:
+                         conv1d: bool) -> bool:
     """Whether this layer stores its weight (in, out), as PEFT decides it per layer.
 
     PEFT overrides the config's ``fan_in_fan_out`` by layer class (``nn.Linear``: False,
     ``Conv1D``: True; ``_create_new_module`` warns and flips it), so the flag is read from the
     weight's shape against the factors', and only a square weight falls back on the class the
-    architecture uses.
+    architecture uses (``conv1d``: its table row says its projections are transformers' Conv1D).
     """
     if module.kind == "embedding":
         return False
     inp, out = adapter.store.info(module.a).shape[1], adapter.store.info(module.b).shape[0]
     if inp != out and tuple(weight_shape) in ((out, inp), (inp, out)):
         return tuple(weight_shape) == (inp, out)
-    return model_type in CONV1D_MODEL_TYPES
+    return conv1d
 
 
 def merge_into(weight: np.ndarray, adapter: Adapter, module: LoraModule, fan_in_fan_out: bool) -> np.ndarray:

@@ -1,52 +1,33 @@
-"""Streaming merge of a PEFT LoRA adapter into a base checkpoint.
+"""A LoRA merge as a tensor store: the base checkpoint as the unmerged PEFT model sees it.
 
-:func:`plan_merge` decides, from file headers alone, how every output tensor is made: which
-tensor it starts from (the base's, or a full tensor the adapter stores), which LoRA module is
-merged into it, and what happens to tied input/output embeddings.  :func:`write_merged` then
-reads one base tensor at a time, merges in float32, and hands it to the streaming writer,
-which casts once.  The adapter's factors are read only when their tensor comes up.
+:func:`plan_merge` decides, from file headers alone, how every tensor of the base is made:
+which tensor it starts from (the base's, or a full tensor the adapter stores), which LoRA
+module is merged into it, and what happens to tied input/output embeddings.  It returns a
+:class:`MergedStore`, an ordinary :class:`~clawconvert.io.readers.TensorStore` in the base's
+own key space: reading a tensor reads its start, adds ``B @ A * scale`` in float32 and casts
+once.  The conversion engine then plans and streams it like any other source, through the
+architecture's layout tables, so a merge, an assembly and a conversion are one mechanism: a
+LoRA delta is one more step, applied in the key space the adapter was trained in, before the
+tables' renames and ops run.
 
-Adapters and bases may spell the same parameter differently (LLaVA under transformers 4 and
-5); both sides are compared through :func:`canonical`.
+Adapter names are matched to base tensors through the architecture's layouts
+(:class:`~clawconvert.architectures.Resolver`): an adapter trained under transformers 5
+module names fits a base file in the transformers 4 spelling, and a text-only adapter trained
+on the standalone LLM fits the VLM that holds it.
 """
 from __future__ import annotations
 
-import re
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 
+from ..architectures import Resolver, part_of
 from ..errors import ClawError
 from ..io.dtypes import DType, output_dtype
-from ..io.pipeline import write_pipelined
-from ..io.readers import TensorStore
+from ..io.readers import TensorInfo, TensorStore
 from .lora import Adapter, LoraModule, bias_delta, layer_fan_in_fan_out, merge_into, merged_linear, same_factors
-
-# Other spellings of the same parameter -> the one clawconvert compares by (a causal LM's own).
-KEY_ALIASES = (
-    (re.compile(r"^model\.language_model\."), "model."),                  # LLaVA, transformers 5 modules
-    (re.compile(r"^language_model\.model\."), "model."),                  # LLaVA, transformers 4 / llava-hf files
-    (re.compile(r"^language_model\.lm_head\."), "lm_head."),              # LLaVA, transformers 4 / llava-hf files
-    (re.compile(r"^model\.vision_tower\.(?:vision_model\.)?"), "vision_tower."),  # LLaVA, transformers 5 modules
-    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),      # LLaVA, transformers 4 / vLLM files
-    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),  # LLaVA, transformers 5
-)
-
-# Input embedding and output head (what tie_word_embeddings shares, what new tokens grow), canonical names.
-EMBEDDING_PAIRS = (
-    ("model.embed_tokens.weight", "lm_head.weight"),   # llama qwen2 mistral gemma, LLaVA language models
-    ("transformer.wte.weight", "lm_head.weight"),      # gpt2
-)
-
-
-def canonical(name: str) -> str:
-    for pattern, repl in KEY_ALIASES:
-        new = pattern.sub(repl, name, count=1)
-        if new != name:
-            return new
-    return name
 
 
 @dataclass
@@ -63,35 +44,66 @@ class Recipe:
     def changes(self) -> bool:
         return self.start[0] == "adapter" or self.lora is not None or self.bias_of is not None
 
+    @property
+    def computes(self) -> bool:
+        return self.lora is not None or self.bias_of is not None or self.extra_rows > 0
 
-@dataclass
-class OutTensor:
-    name: str              # output name, in the base's spelling
-    canonical: str
-    shape: tuple[int, ...]
-    dtype: DType
-    recipe: Recipe
+
+class MergedStore(TensorStore):
+    """The base's tensors with the adapter merged in, read one at a time.
+
+    Keys are the base's own, plus the output head when a tie is undone and the base stores no
+    head.  ``info`` gives the base's dtype (the output dtype follows it, as for any source);
+    ``read`` returns a merged tensor already cast to the output dtype where the banded merge
+    makes it, float32 otherwise (the engine casts once).  Untouched tensors keep their
+    ``byte_range``, so the engine copies their bytes without decoding them."""
+
+    def __init__(self, base: TensorStore, adapter: Adapter, recipes: dict[str, Recipe], twins: dict[str, str],
+                 dtype: DType | None):
+        """``recipes`` in writing order; ``twins`` names, for a key the base does not store (an
+        untied head), the base tensor whose shape and dtype it takes (the input embedding)."""
+        super().__init__(base.path)
+        self.base, self.adapter, self.recipes, self.dtype = base, adapter, recipes, dtype
+        for key, recipe in recipes.items():
+            info = base.info(twins.get(key, key))
+            self._infos[key] = TensorInfo(key, info.shape, info.dtype, info.file)
+
+    def _read(self, name: str, info: TensorInfo) -> np.ndarray:
+        return build_tensor(self.recipes[name], self.base, self.adapter, output_dtype(info.dtype, self.dtype))
+
+    def byte_range(self, name: str):
+        r = self.recipes[name]
+        if r.start[0] != "base" or r.computes or not hasattr(self.base, "byte_range"):
+            return None
+        return self.base.byte_range(r.start[1])
+
+    @contextlib.contextmanager
+    def checks_deferred(self):
+        with self.base.checks_deferred():
+            yield
 
 
 @dataclass
 class MergePlan:
-    tensors: list[OutTensor]
+    store: MergedStore
+    resolver: Resolver
     tie: dict                       # what was done with tied embeddings, for the user and the manifest
     untied: bool                    # the output config must say tie_word_embeddings: false
     leftovers: dict[str, str]       # adapter full tensors with no base counterpart: path -> adapter key
-    embeddings: tuple[str, str] | None   # canonical (input embedding, output head) when BASE has them
+    embeddings: tuple[str, str] | None   # base keys of (input embedding, output head) when BASE has them
     vocab_rows: int | None               # rows of the input embedding
     summary: dict = field(default_factory=dict)
 
     def grow_vocab(self, rows: int) -> None:
         """Append ``rows`` new tokens, each at the mean row, to the input embedding and the output head."""
         if self.embeddings is None:
-            raise ClawError("BASE has no embed_tokens.weight; new tokens need a llama-style language model "
-                            "(llama, qwen2, mistral, gemma)")
-        for t in self.tensors:
-            if t.canonical in self.embeddings:
-                t.recipe.extra_rows = rows
-                t.shape = (self.vocab_rows + rows, *t.shape[1:])
+            raise ClawError("BASE has no input embedding the architecture table names; new tokens need one")
+        for key in dict.fromkeys(self.embeddings):
+            if key in self.store:
+                self.store.recipes[key].extra_rows = rows
+                info = self.store.info(key)
+                self.store._infos[key] = TensorInfo(key, (self.vocab_rows + rows, *info.shape[1:]), info.dtype,
+                                                    info.file)
 
 
 def _store_order(store: TensorStore) -> list[str]:
@@ -102,28 +114,38 @@ def _store_order(store: TensorStore) -> list[str]:
     return [n for f in sorted(files, key=str) for n in files[f]]
 
 
-def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: str,
-               dtype: DType | None = None) -> MergePlan:
-    """Plan every output tensor from headers; raise one ClawError listing all misfits."""
+def plan_merge(base: TensorStore, adapter: Adapter, resolver: Resolver, *, tied_pair: tuple[str, str] | None,
+               tied: bool, conv1d: bool = False, dtype: DType | None = None) -> MergePlan:
+    """Plan every merged tensor from headers; raise one ClawError listing all misfits.
+
+    ``tied_pair`` is the architecture's (input embedding, output head) in canonical names and
+    ``tied`` whether the config ties them."""
+    layout = resolver.base_layout
     index: dict[str, str] = {}
     for key in _store_order(base):
-        c = canonical(key)
+        c = layout.to_canonical(key)
+        if c is None:
+            continue            # dropped buffers; the engine reports anything else
         if c in index:
             raise ClawError(f"{base.path}: '{index[c]}' and '{key}' are the same parameter spelled twice")
         index[c] = key
     recipes = {c: Recipe(("base", k)) for c, k in index.items()}
     errors: list[str] = []
 
-    embeddings = next(((e, h) for e, h in EMBEDDING_PAIRS if e in index), None)
+    embeddings = tied_pair if tied_pair and tied_pair[0] in index else None
     pair = embeddings if tied else None
     if tied and pair is None:
-        known = ", ".join(e for e, _ in EMBEDDING_PAIRS)
-        raise ClawError(f"{base.path}: config ties input and output embeddings, but none of {known} is in the "
-                        f"weights; clawconvert cannot tell which tensors the tie joins")
+        what = tied_pair[0] if tied_pair else "an input embedding"
+        raise ClawError(f"{base.path}: config ties input and output embeddings, but {what} is not in the weights "
+                        f"({resolver.arch.table_name}, layout {layout.name}); clawconvert cannot tell which tensors "
+                        f"the tie joins")
     embed, head = pair or (None, None)
     head_on_disk = head in index
     if pair:
         recipes[head] = Recipe(recipes[embed].start)
+
+    def base_key(c: str) -> str:
+        return index.get(c) or f"{resolver.file(c)} (tied to {index.get(embed)})"
 
     def base_shape(c: str) -> tuple[int, ...]:
         return base.info(index[embed if c == head else c]).shape
@@ -131,14 +153,13 @@ def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: s
     # full tensors the adapter stores: a base layer's own (shared by a tie) first, modules_to_save after
     leftovers, group_start, module_copies = {}, [], set()
     for path, key in sorted(adapter.full.items(), key=lambda kv: kv[0] not in adapter.shared):
-        c = canonical(path)
-        if c not in recipes:
+        c = resolver.canonical(path)
+        if c is None or c not in recipes:
             leftovers[path] = key
             continue
         have = adapter.store.info(key).shape
         if have != base_shape(c):
-            errors.append(f"adapter tensor '{key}' has shape {have}, but base '{index.get(c, index.get(embed))}' "
-                          f"is {base_shape(c)}")
+            errors.append(f"adapter tensor '{key}' has shape {have}, but base '{base_key(c)}' is {base_shape(c)}")
             continue
         if pair and c in pair and path in adapter.shared:
             group_start.append(key)
@@ -151,26 +172,28 @@ def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: s
         errors.append(f"adapter tensors {' and '.join(map(repr, group_start))} both fill the tied embedding "
                       f"but differ")
 
+    by_part: Counter = Counter()
     for path, module in adapter.modules.items():
-        c = canonical(path + ".weight")
-        if c not in recipes:
+        c = resolver.canonical(path + ".weight")
+        if c is None or c not in recipes:
             errors.append(f"adapter tensor '{module.a}' targets '{path}', which BASE does not have "
-                          f"(no '{path}.weight')")
+                          f"(no '{path}.weight' in any {resolver.arch.name} layout)")
             continue
-        recipe, shape, where = recipes[c], base_shape(c), index.get(c, f"{head} (tied to {index.get(embed)})")
+        recipe, shape, where = recipes[c], base_shape(c), base_key(c)
         if c in module_copies:
             errors.append(f"adapter module '{path}' has LoRA factors and a modules_to_save copy")
             continue
-        fifo = layer_fan_in_fan_out(adapter, module, shape, model_type)
+        fifo = layer_fan_in_fan_out(adapter, module, shape, conv1d)
         try:
             adapter.check_fits(module, shape, fifo, where)
         except ClawError as e:
             errors.append(str(e))
             continue
         recipe.lora, recipe.fan_in_fan_out = module, fifo
+        by_part[part_of(c)] += 1
         if module.b_bias:
-            cb = canonical(path + ".bias")
-            if cb not in recipes:
+            cb = resolver.canonical(path + ".bias")
+            if cb is None or cb not in recipes:
                 errors.append(f"adapter tensor '{module.b_bias}' (lora_bias) needs a bias in base '{path}', "
                               f"which has none")
             elif adapter.store.info(module.b_bias).shape != base_shape(cb):
@@ -183,36 +206,35 @@ def plan_merge(base: TensorStore, adapter: Adapter, *, tied: bool, model_type: s
 
     untied, tie = False, {"tied": bool(pair)}
     if pair:
-        untied, tie = _decide_tie(recipes[embed], recipes[head], adapter, index[embed], head)
+        untied, tie = _decide_tie(recipes[embed], recipes[head], adapter, index[embed], resolver.file(head))
         if not untied and recipes[head] is not recipes[embed]:
             recipes[head] = recipes[embed]    # one recipe: the delta lands once, never W + 2 delta
 
     order = list(index)
-    if pair and not head_on_disk and untied:
-        order.insert(order.index(embed) + 1, head)
-    tensors = []
-    for c in order:
-        recipe, shape = recipes[c], base_shape(c)
-        src_dtype = base.info(index[embed if c == head else c]).dtype
-        tensors.append(OutTensor(index.get(c) or _head_name(index[embed], embed, head), c, shape,
-                                 output_dtype(src_dtype, dtype), recipe))
+    if pair and not head_on_disk:
+        if untied:
+            order.insert(order.index(embed) + 1, head)
+        else:
+            del recipes[head]                  # still tied and not on disk: nothing to write
+    keyed = {index.get(c) or resolver.file(c): recipes[c] for c in order}
+    twins = {resolver.file(head): index[embed]} if pair and not head_on_disk and untied else {}
+    store = MergedStore(base, adapter, keyed, twins, dtype)
+
+    modified = [k for k, r in keyed.items() if r.changes]
     summary = {
         "lora_modules": len(adapter.modules),
+        "lora_modules_by_part": dict(sorted(by_part.items())),
         "embedding_modules": sum(m.kind == "embedding" for m in adapter.modules.values()),
         "dora_modules": sum(bool(m.magnitude) for m in adapter.modules.values()),
         "lora_bias_modules": sum(bool(m.b_bias) for m in adapter.modules.values()),
-        "fan_in_fan_out_modules": sum(t.recipe.fan_in_fan_out for t in tensors if t.recipe.lora),
+        "fan_in_fan_out_modules": sum(r.fan_in_fan_out for r in keyed.values() if r.lora),
         "scales": {f"{s:g}": n for s, n in sorted(Counter(m.scale for m in adapter.modules.values()).items())},
-        "replaced_from_adapter": sorted(t.name for t in tensors if t.recipe.start[0] == "adapter"),
+        "replaced_from_adapter": sorted(k for k, r in keyed.items() if r.start[0] == "adapter"),
+        "tensors_changed": len(modified),
     }
-    vocab_rows = base_shape(embeddings[0])[0] if embeddings else None
-    return MergePlan(tensors, tie, untied, leftovers, embeddings, vocab_rows, summary)
-
-
-def _head_name(embed_key: str, embed: str, head: str) -> str:
-    """The output head's name in the base's spelling (``language_model.lm_head.weight`` in llava-hf files)."""
-    prefix = embed_key[: len(embed_key) - len(embed)] if embed_key.endswith(embed) else ""
-    return (prefix if prefix == "" or prefix.endswith(".") else "") + head
+    embed_keys = (index[tied_pair[0]], index.get(tied_pair[1]) or resolver.file(tied_pair[1])) if embeddings else None
+    vocab_rows = base.info(index[tied_pair[0]]).shape[0] if embeddings else None
+    return MergePlan(store, resolver, tie, untied, leftovers, embed_keys, vocab_rows, summary)
 
 
 def _same_tensors(adapter: Adapter, keys: list[str]) -> bool:
@@ -251,16 +273,15 @@ def _decide_tie(embed: Recipe, head: Recipe, adapter: Adapter, embed_key: str, h
                              f"written as its own tensor and tie_word_embeddings is set to false")}
 
 
-def build_tensor(t: OutTensor, base: TensorStore, adapter: Adapter) -> np.ndarray:
-    """One output tensor: read its start, merge in float32, append new rows. The writer casts once."""
-    r = t.recipe
+def build_tensor(r: Recipe, base: TensorStore, adapter: Adapter, out: DType) -> np.ndarray:
+    """One merged tensor: read its start, merge in float32, append new rows (the writer casts once)."""
     kind, key = r.start
     x = adapter.store.read(key) if kind == "adapter" else base.read(key)
-    if not (r.lora or r.bias_of or r.extra_rows):
+    if not r.computes:
         return x
     if (r.lora and r.lora.kind == "linear" and not r.lora.magnitude and not r.fan_in_fan_out
             and not r.bias_of and not r.extra_rows):
-        return merged_linear(x, adapter, r.lora, t.dtype.np)   # the common case, in cache-sized bands
+        return merged_linear(x, adapter, r.lora, out.np)   # the common case, in cache-sized bands
     x = x.astype(np.float32)  # a fresh float32 copy, merged in place
     if r.lora:
         x = merge_into(x, adapter, r.lora, r.fan_in_fan_out)
@@ -270,32 +291,3 @@ def build_tensor(t: OutTensor, base: TensorStore, adapter: Adapter) -> np.ndarra
         mean = x.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
         x = np.concatenate([x, np.broadcast_to(mean, (r.extra_rows, *x.shape[1:]))])
     return x
-
-
-def _unchanged_bytes(t: OutTensor, base: TensorStore, adapter: Adapter, writer) -> tuple | None:
-    """(file, offset, nbytes) when ``t`` is a source tensor's bytes as they are: copied in chunks."""
-    r = t.recipe
-    kind, key = r.start
-    store = adapter.store if kind == "adapter" else base
-    if (r.lora or r.bias_of or r.extra_rows or not hasattr(writer, "copy_range")
-            or not hasattr(store, "byte_range") or store.info(key).dtype != t.dtype):
-        return None
-    return store.byte_range(key)
-
-
-def write_merged(tensors: Iterable[OutTensor], base: TensorStore, adapter: Adapter, writer,
-                 progress: Callable[[Iterable], Iterable] | None = None) -> None:
-    """Write every output tensor: unchanged ones copied as bytes, merged ones built on a
-    second thread while the previous one is written."""
-    items = list(tensors)
-
-    def produce():
-        for t in (progress(items) if progress else items):
-            span = _unchanged_bytes(t, base, adapter, writer)
-            yield ("copy", t.name, span) if span is not None else ("write", t.name, build_tensor(t, base, adapter))
-    # One BLAS thread: the merge runs many small (band x r) @ (r x in) products, between
-    # which OpenBLAS's own threads spin -- measured on a 1B model, 10 s of CPU instead of 5 s.
-    # Large weights are split over two threads of ours instead (lora.merged_linear).
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(limits=1, user_api="blas"):
-        write_pipelined(produce(), writer)

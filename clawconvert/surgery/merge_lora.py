@@ -17,13 +17,14 @@ from pathlib import Path
 from ..errors import ClawError
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
-from ..io.dtypes import CLI_DTYPES, DType, output_dtype
-from ..io.readers import open_tensors
+from ..io.dtypes import CLI_DTYPES, DType
+from ..architectures import Architecture, Resolver, architecture_for, known_model_types, load_architecture
+from ..io.readers import GatheredStore, open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import MANIFEST, source_fingerprint, write_manifest
 from . import llava
 from .lora import Adapter
-from .merge import MergePlan, plan_merge, write_merged
+from .merge import MergePlan, plan_merge
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
@@ -55,21 +56,27 @@ def _read_json(path: Path) -> dict:
         raise ClawError(f"{path}: not valid JSON ({e.__class__.__name__})") from e
 
 
-# tie_word_embeddings of a config.json that leaves it out: its config class's default.  Read
-# from this table for common causal LMs, so a merge does not import transformers (4 s and
-# ~700 MiB with torch); tests/test_merge_lora.py checks it against transformers' classes.
-TIE_DEFAULTS = {
-    "llama": False, "mistral": False, "mixtral": False, "qwen2": False, "qwen2_moe": False, "qwen3": False,
-    "phi": False, "phi3": False, "stablelm": False, "gpt_neox": False, "granite": False, "olmo": False,
-    "olmo2": False, "gemma": True, "gemma2": True, "gemma3_text": True, "gpt2": True, "starcoder2": True,
-    "opt": True, "smollm3": True,
-}
+def _architecture(base: Path, config: dict) -> tuple[Architecture, str, list[str]]:
+    """The architecture table of BASE, its model_type, and notes.  An LM model_type that no table
+    lists is merged as a plain causal LM (its tie default then comes from transformers)."""
+    model_type = str(config.get("model_type", ""))
+    arch = architecture_for(model_type)
+    if arch is not None:
+        return arch, model_type, []
+    if "vision_config" in config or not model_type:
+        raise ClawError(f"{base}: unsupported model_type '{model_type}': no table in mappings/architectures/ "
+                        f"knows it (known: {', '.join(known_model_types())})")
+    return load_architecture("causal_lm"), model_type, [
+        f"model_type '{model_type}' is not in mappings/architectures/causal_lm.yaml: merged as a plain causal LM"]
 
 
-def _effective_tie(base: Path, config: dict) -> bool:
-    """tie_word_embeddings as transformers applies it, class defaults included."""
-    if config.get("model_type") in TIE_DEFAULTS and "text_config" not in config:
-        value = config.get("tie_word_embeddings", TIE_DEFAULTS[config["model_type"]])
+def _effective_tie(base: Path, config: dict, arch: Architecture, model_type: str) -> bool:
+    """tie_word_embeddings as transformers applies it (the top-level config's), class defaults
+    from the architecture table so a merge does not import transformers (4 s and ~700 MiB with
+    torch); tests/test_architectures.py checks the table against transformers' classes."""
+    default = arch.tie_default(model_type)
+    if default is not None:
+        value = config.get("tie_word_embeddings", default)
         if isinstance(value, bool):
             return value
     from transformers import AutoConfig
@@ -111,9 +118,13 @@ def _dtype_name(dtype: DType | None) -> str | None:
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connector: str | Path | None = None,
                vision: str | Path | None = None, dtype: str = "keep", image_token: str = "<image>",
                vision_feature_layer: int = -1, vision_feature_select_strategy: str | None = None,
-               chat_template: str | Path | None = None, max_shard_size: str | int = "5GB",
-               overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = False) -> MergeResult:
-    """Merge ``adapter`` into ``base`` (and assemble a LLaVA with ``vision``); see ``merge-lora --help``."""
+               chat_template: str | Path | None = None, layout: str | None = None,
+               max_shard_size: str | int = "5GB", overwrite: bool = False, unsafe_pickle: bool = False,
+               progress: bool = False) -> MergeResult:
+    """Merge ``adapter`` into ``base`` (and assemble a LLaVA with ``vision``); see ``merge-lora --help``.
+
+    ``layout`` names the output's key layout from BASE's architecture table (default: the
+    table's ``write`` layout, the one the most readers load)."""
     with contextlib.ExitStack() as stack:    # holds the scratch copy of a converted vision tower
         if dtype not in CLI_DTYPES:
             raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
@@ -124,20 +135,29 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         if not base_path.is_dir():
             raise ClawError(f"{base_path}: BASE must be a Hugging Face model directory")
         base_config = _read_json(base_path / "config.json")
-        is_llava = base_config.get("model_type") == "llava"
-        if is_llava and (vision is not None or connector is not None):
-            raise ClawError(f"{base_path}: BASE is already a LLaVA model; --vision and --connector build one from a "
-                            f"causal LM")
+        arch, model_type, notes = _architecture(base_path, base_config)
+        is_vlm = arch.name != "causal_lm"
+        if is_vlm and (vision is not None or connector is not None):
+            raise ClawError(f"{base_path}: BASE is already a vision-language model ({model_type}); --vision and "
+                            f"--connector build a LLaVA from a causal LM")
         if connector is not None and vision is None:
             raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
-        text_config = dict((base_config.get("text_config") or {}) if is_llava else base_config)
-        tied = _effective_tie(base_path, base_config)
+        target_arch = load_architecture("llava") if vision is not None else arch
+        out_layout = target_arch.layout(layout) if layout else target_arch.write_layout
+        tied = _effective_tie(base_path, base_config, arch, model_type)
         adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle)
         base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
-        notes: list[str] = []
+        base_layout = arch.detect_layout(base_store.keys(), base_path)
+        known = {c for k in base_store.keys() if not arch.dropped(k) and (c := base_layout.to_canonical(k))}
+        pair = arch.tied_pair(model_type)
+        if pair and pair[0] in known:
+            known.add(pair[1])        # a tied head the base does not store is still a module adapters target
+        standalone = () if not is_vlm else load_architecture("causal_lm").layouts   # text-only adapters
+        resolver = Resolver(arch, base_layout, known, standalone)
 
-        plan = plan_merge(base_store, adapter_obj, tied=tied, model_type=str(text_config.get("model_type", "")),
-                          dtype=out_dtype)
+        plan = plan_merge(base_store, adapter_obj, resolver, tied_pair=pair, tied=tied,
+                          conv1d=bool(arch.row(model_type).get("conv1d")), dtype=out_dtype)
+        notes += _part_notes(plan.summary)
         assembly, extra_rows = None, 0
         if vision is not None:
             scratch = _scratch_beside(Path(out), stack) if not (vision_path / "config.json").is_file() else None
@@ -153,6 +173,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         _refuse_leftovers(leftovers, base_path)
 
         # output config
+        text_config = dict(base_config.get("text_config") or {}) if is_vlm else dict(base_config)
         if plan.untied:
             text_config["tie_word_embeddings"] = False
         elif tied:
@@ -163,28 +184,33 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         _set_dtype(text_config, _dtype_name(out_dtype))
 
         if assembly is not None:
-            tensors, extra = assembly.plan(plan, text_config, out_dtype)
+            source = assembly.gather(plan, base_layout, text_config)
             config = assembly.config(text_config, lm_dtype)
             architecture = "LlavaForConditionalGeneration"
         else:
-            tensors, extra = plan.tensors, []
+            source = plan.store
             config = text_config
-            if is_llava:
-                config = {**base_config, "text_config": text_config}
+            if is_vlm:
+                config = {**base_config, **({"text_config": text_config} if "text_config" in base_config else {})}
                 if plan.untied:
                     config["tie_word_embeddings"] = False
                 _set_dtype(config, _dtype_name(out_dtype))
             architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
+        from .relayout import CANONICAL, plan_relayout
+        engine_plan = plan_relayout(source, target_arch, CANONICAL if assembly else base_layout, out_layout,
+                                    dtype=out_dtype)
 
-        writer_plan = [(t.name, t.shape, t.dtype) for t in tensors] + [(n, s, d) for n, s, d, _ in extra]
         sources = tuple(p for p in (base_path, adapter_path, vision_path,
                                     Path(connector) if connector is not None else None) if p is not None)
         with atomic_output_dir(out, overwrite=overwrite, sources=sources) as tmp:
-            writer = SafetensorsWriter(tmp, writer_plan, max_shard_size=parse_size(max_shard_size))
+            writer = SafetensorsWriter(tmp, engine_plan.writer_plan, max_shard_size=parse_size(max_shard_size))
             try:
-                write_merged(tensors, base_store, adapter_obj, writer, _progress(progress, len(writer_plan)))
-                for name, _, _, read in extra:
-                    writer.write(name, read())
+                # One BLAS thread: the merge runs many small (band x r) @ (r x in) products, between
+                # which OpenBLAS's own threads spin -- measured on a 1B model, 10 s of CPU instead of 5 s.
+                # Large weights are split over two threads of ours instead (lora.merged_linear).
+                from threadpoolctl import threadpool_limits
+                with threadpool_limits(limits=1, user_api="blas"):
+                    engine_plan.execute(writer, _progress(progress, len(engine_plan.targets)))
                 files = writer.close()
             except BaseException:
                 writer.abort()
@@ -199,7 +225,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                 if not any(f in copied for f in TOKENIZER_FILES):
                     notes.append(f"{base_path} has no tokenizer files; none copied")
             merge_record = {**plan.summary, "tie": plan.tie, "extra_embedding_rows": extra_rows,
-                            "copied_from_base": copied}
+                            "copied_from_base": copied, "layout": {"base": base_layout.name, "output": out_layout.name,
+                                                                   "loaded_by": out_layout.loaded_by}}
             if assembly is not None:
                 merge_record["llava"] = assembly.record()
             write_manifest(tmp, {
@@ -213,13 +240,28 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                        if connector is not None else {}),
                 },
                 "target": {"format": "hf", "architecture": architecture},
+                "tables": [{"name": t.name, "sha256": t.sha256}
+                           for t in {arch.table(base_layout).name: arch.table(base_layout),
+                                     target_arch.table(out_layout).name: target_arch.table(out_layout)}.values()],
                 "dtype": dtype,
                 "merge": merge_record,
                 "notes": notes,
             })
             dest = Path(out).absolute()
-        return MergeResult(dest, architecture, len(writer_plan), writer.total_size, [f.name for f in files],
+        return MergeResult(dest, architecture, len(engine_plan.targets), writer.total_size, [f.name for f in files],
                            plan.tie, notes, merge_record)
+
+
+def _part_notes(summary: dict) -> list[str]:
+    """Say so when the adapter's LoRA reaches beyond the language model (often by accident:
+    target_modules ['q_proj'] also matches a CLIP or SigLIP tower's attention)."""
+    by_part = summary.get("lora_modules_by_part", {})
+    others = {p: n for p, n in by_part.items() if p != "lm"}
+    if not others:
+        return []
+    return ["LoRA modules outside the language model were merged too: "
+            + ", ".join(f"{n} in the {p}" for p, n in others.items())
+            + " (as the unmerged PEFT model applies them)"]
 
 
 def _refuse_leftovers(leftovers: dict[str, str], base: Path) -> None:
@@ -285,22 +327,21 @@ class _Assembly:
                             "holds none)")
         return leftovers
 
-    def plan(self, plan: MergePlan, text_config: dict, dtype: DType | None):
-        """LM tensors renamed to the llava-hf layout, plus vision and connector tensors (read lazily)."""
-        for t in plan.tensors:
-            t.name = llava.llava_name(t.canonical)
+    def gather(self, plan: MergePlan, lm_layout, text_config: dict) -> GatheredStore:
+        """One store of the LLaVA's tensors under their canonical names: the merged language model,
+        the vision tower and the connector (read lazily, each from its own file)."""
         llava.check_connector(self.connector, int(self.vision_config["hidden_size"]), int(text_config["hidden_size"]))
         self.projector_bias = self.connector.bias
-        extra = []
+        entries = {}
+        for key in plan.store.keys():
+            c = lm_layout.to_canonical(key)
+            if c is not None:
+                entries[c] = (plan.store, key)
         for key in self.vision.keys():
-            info = self.vision.info(key)
-            extra.append((f"vision_tower.{key}", info.shape, output_dtype(info.dtype, dtype),
-                          lambda s=self.vision, k=key: s.read(k)))
+            entries[key] = (self.vision, key)
         for role, (store, key) in self.connector.tensors.items():
-            info = store.info(key)
-            extra.append((f"multi_modal_projector.{role}", info.shape, output_dtype(info.dtype, dtype),
-                          lambda s=store, k=key: s.read(k)))
-        return plan.tensors, extra
+            entries[f"connector/{role}"] = (store, key)
+        return GatheredStore(plan.store.path, entries)
 
     def config(self, text_config: dict, dtype_name: str | None):
         text = {k: v for k, v in text_config.items()
