@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 
 from .engine import Plan, plan_conversion
 from .errors import ClawError, VerificationFailed
+from .families import all_families
 from .formats import Checkpoint, Format, SourceOptions, all_formats, get_format, open_checkpoint
 from .io.atomic import atomic_output_dir, atomic_output_file
 from .io.dtypes import CLI_DTYPES, DType, dtype_of
@@ -178,8 +179,15 @@ def verify(a: str | Path, b: str | Path, *, tolerance: float = 1e-4, a_options: 
 
 def inspect(path: str | Path, *, src_format: str | None = None, model_name: str | None = None,
             model_config: str | Path | None = None, unsafe_pickle: bool = False) -> dict[str, Any]:
-    """Detected format, family, config summary, tensor/parameter counts and dtypes."""
+    """Detected format, family, config summary, tensor/parameter counts and dtypes; for an LLM or
+    VLM (a model of mappings/architectures/), also its key layout, parts, tie state and side files."""
     src_path, _ = resolve(path)
+    if src_format in (None, "hf"):
+        from .surgery.describe import architecture_of, describe
+        found = architecture_of(src_path)
+        if found is not None and not any(found[1].get("model_type") in f.hf_model_types
+                                          for f in all_families().values()):
+            return describe(src_path, unsafe_pickle=unsafe_pickle)
     ckpt = open_checkpoint(src_path, SourceOptions(format=src_format, model_name=model_name,
                                                    model_config=Path(model_config) if model_config else None,
                                                    unsafe_pickle=unsafe_pickle))

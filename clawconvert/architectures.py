@@ -39,6 +39,7 @@ assembles them (``llava.yaml``).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -166,6 +167,45 @@ class Architecture:
                             details=[f"no layout explains '{k}'" for k in stray[1:20]])
         return max(scored, key=lambda s: s[:2])[2]
 
+    def standalone(self, part: str, config: dict) -> tuple[str, dict]:
+        """(transformers class, config.json) of ``part`` as a model of its own, translated from
+        this model's ``config`` by the part's ``standalone`` row: ``class`` and ``model_type``
+        set, ``drop`` (dotted keys) removed, ``set`` applied; ``from_config: model_type`` takes
+        the class from the part config's own model_type (causal_lm.yaml, llava.yaml's vision_towers)."""
+        spec = self.parts[part] if part in self.parts else None
+        if spec is None:
+            raise ClawError(f"{self.description or self.name} has no {part} part")
+        if not spec.standalone:
+            raise ClawError(f"{self.description or self.name}: cannot write its {part} part alone: "
+                            f"{spec.why or 'no standalone model class'}")
+        sub = config.get(spec.config) if spec.config else None
+        if sub is None:     # a legacy flat config (Qwen2-VL in transformers < 4.52): the LM at the top level
+            sub = {k: v for k, v in config.items() if not k.endswith("_config")}
+        sub = json.loads(json.dumps(sub))
+        row = dict(spec.standalone)
+        if row.get("from_config") == "model_type":
+            mt = sub.get("model_type", "")
+            if part == "lm":
+                cls = load_architecture("causal_lm").row(mt).get("class")
+            else:
+                cls = load_architecture("llava").vision_towers.get(mt, {}).get("class")
+            if not cls:
+                raise ClawError(f"{self.name}: no standalone class known for its {part} model_type '{mt}'")
+            row.update({"class": cls, "model_type": mt})
+        for dotted in row.get("drop", ()):
+            *path, last = dotted.split(".")
+            node = sub
+            for k in path:
+                node = node.get(k) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(last, None)
+        sub.update(row.get("set", {}))
+        for key in ("architectures", "transformers_version", "_name_or_path", "auto_map"):
+            sub.pop(key, None)
+        sub["model_type"] = row["model_type"]
+        sub["architectures"] = [row["class"]]
+        return row["class"], sub
+
     def table(self, layout: Layout) -> Table:
         """A :class:`Table` record (name and hash) for manifests."""
         return Table(name=f"{self.table_name}#{layout.name}", format=layout.name, family=self.name,
@@ -266,8 +306,9 @@ def _validate(name: str, data: Any, raw: bytes) -> Architecture:
     sources = {p: _layouts(name, spec, f"part_sources.{p}") for p, spec in (data.get("part_sources") or {}).items()}
     towers = data.get("vision_towers") or {}
     for mt, row in towers.items():
-        if not isinstance(row, dict) or set(row) != {"tower", "prefix_tokens"} or not isinstance(row["prefix_tokens"], int):
-            raise _fail(name, f"vision_towers.{mt}: needs exactly {{tower: MODEL_TYPE, prefix_tokens: N}}")
+        if not isinstance(row, dict) or set(row) != {"tower", "class", "prefix_tokens"} \
+                or not isinstance(row["prefix_tokens"], int):
+            raise _fail(name, f"vision_towers.{mt}: needs exactly {{tower: MODEL_TYPE, class: NAME, prefix_tokens: N}}")
     return Architecture(vision_towers=towers, name=name, description=str(data.get("description", "")), model_types=rows, parts=parts,
                         layouts=layouts, write=write, tied=tuple(tied) if tied else None,
                         side_files=tuple(data.get("side_files") or ()), part_sources=sources,

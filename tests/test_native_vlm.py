@@ -114,7 +114,7 @@ def test_extracted_vision_tower_or_a_clear_refusal(merged, tmp_path, capsys):
     if case.vision_class is None:
         err = capsys.readouterr().err.strip()
         assert rc == 2 and not dest.exists()
-        assert len(err.splitlines()) == 1 and "no standalone transformers class" in err
+        assert len(err.splitlines()) == 1 and "no standalone model class" in err
         return
     assert rc == 0
     tower = _load(getattr(transformers, case.vision_class), dest)

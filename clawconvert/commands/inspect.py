@@ -41,7 +41,32 @@ def run(args) -> int:
             print(f"  {k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
         else:
             print(f"  {k}: {v}")
+    if "architecture" in info:
+        _print_architecture(info["architecture"])
     return 0
+
+
+def _print_architecture(a: dict) -> None:
+    lay = a["layout"]
+    print(f"  class       {a['class']} ({a['table']})")
+    print(f"  layout      {lay['name']}: loaded by {lay['loaded_by']}" + (f" ({lay['note']})" if lay["note"] else ""))
+    others = [n for n in a["layouts"] if n != lay["name"]]
+    if others:
+        print(f"              other layouts: {', '.join(others)}; outputs use {a['write_layout']} unless --layout")
+    for name, p in a["parts"].items():
+        alone = p["standalone"] or f"none ({p.get('why_not', '')})"
+        print(f"  {name:<11} {p['tensors']} tensors, {p['parameters']:,} parameters under "
+              f"{', '.join(repr(x) for x in p['file_prefixes'])}; standalone: {alone}")
+    tied = a["tied"]
+    if a["tie_word_embeddings"] is not None:
+        state = "tied" if a["tie_word_embeddings"] else "untied"
+        head = "" if not tied else (f" ({tied['pair'][0]} <-> {tied['pair'][1]}, head "
+                                    f"{'stored' if tied['head_on_disk'] else 'not stored'})")
+        print(f"  embeddings  {state}{head}")
+    sides = a["side_files"]
+    print(f"  side files  present: {', '.join(sides['present']) or 'none'}")
+    if sides["missing"]:
+        print(f"              missing: {', '.join(sides['missing'])}")
 
 
 def _check_finite(args) -> None:

@@ -73,6 +73,15 @@ def extract(src: str | Path, dst: str | Path, tower: str = "visual", to: str = "
         why = " (timm holds image models only)" if to == "timm" else ""
         raise ClawError(f"cannot write the {tower} tower as '{to}'{why}: choose from {', '.join(TARGETS[tower])}")
     src_path, hub_info = resolve(src)
+    from .extract_part import extract_part, vlm_architecture
+    if vlm_architecture(src_path) is not None:       # a VLM: its language model or vision tower, alone
+        if to != "hf" or with_projection:
+            raise ClawError(f"{src_path}: from a vision-language model, {'extract-text' if tower == 'text' else 'extract-visual'} "
+                            f"writes the transformers model of the part (--to hf, no --with-projection)")
+        return extract_part(src_path, dst, tower, source_name=str(src), hub_info=hub_info, dtype=_dtype(dtype),
+                            dtype_name=str(dtype), max_shard_size=max_shard_size, verify=verify, tolerance=tolerance,
+                            overwrite=overwrite, unsafe_pickle=unsafe_pickle,
+                            progress=(lambda n: _progress(True, 0, f"{tower} part")) if progress else None)
     refuse_lone_tower(src_path, tower)
     options = SourceOptions(format=src_format, model_name=model_name,
                             model_config=Path(model_config) if model_config else None, unsafe_pickle=unsafe_pickle)
