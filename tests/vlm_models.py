@@ -93,6 +93,7 @@ class Case:
     lm_class: str                      # the standalone causal LM extract-text writes
     vision_class: str | None = None    # the standalone vision model extract-visual writes (None: refused)
     lora: dict = field(default_factory=dict)
+    tie: str | None = None             # what merge-lora must do with tied embeddings
 
     def model_class(self):
         config = self.config()
@@ -134,7 +135,7 @@ CASES = {
             vision_config=dict(SIGLIP, vision_use_head=False), mm_tokens_per_image=4,
             image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI),
         _gemma3_inputs, ["q_proj", "v_proj", "down_proj", "out_proj", "embed_tokens"], ["multi_modal_projector"],
-        "Gemma3ForCausalLM", "SiglipVisionModel"),
+        "Gemma3ForCausalLM", "SiglipVisionModel", tie="untied"),    # LoRA on the tied embedding: the head stays
     "idefics3": Case(
         "idefics3",
         lambda: transformers.Idefics3Config(

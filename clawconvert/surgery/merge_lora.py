@@ -18,7 +18,7 @@ from ..errors import ClawError
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, DType
-from ..architectures import Architecture, Resolver, architecture_for, known_model_types, load_architecture
+from ..architectures import Architecture, Resolver, architecture_for, known_model_types, load_architecture, part_of
 from ..io.readers import GatheredStore, open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import MANIFEST, source_fingerprint, write_manifest
@@ -149,6 +149,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
         base_layout = arch.detect_layout(base_store.keys(), base_path)
         known = {c for k in base_store.keys() if not arch.dropped(k) and (c := base_layout.to_canonical(k))}
+        _require_parts(arch, base_layout, known, base_path)
         pair = arch.tied_pair(model_type)
         if pair and pair[0] in known:
             known.add(pair[1])        # a tied head the base does not store is still a module adapters target
@@ -158,6 +159,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         plan = plan_merge(base_store, adapter_obj, resolver, tied_pair=pair, tied=tied,
                           conv1d=bool(arch.row(model_type).get("conv1d")), dtype=out_dtype)
         notes += _part_notes(plan.summary)
+        _check_tokenizer(base_path, plan.vocab_rows)
         assembly, extra_rows = None, 0
         if vision is not None:
             scratch = _scratch_beside(Path(out), stack) if not (vision_path / "config.json").is_file() else None
@@ -250,6 +252,34 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             dest = Path(out).absolute()
         return MergeResult(dest, architecture, len(engine_plan.targets), writer.total_size, [f.name for f in files],
                            plan.tie, notes, merge_record)
+
+
+def _require_parts(arch: Architecture, layout, known: set[str], base: Path) -> None:
+    """A VLM without its vision tower (or connector) is not the model its config describes."""
+    have = {part_of(c) for c in known}
+    for part in arch.parts:
+        if part not in have:
+            where = ", ".join(f"'{f}'" for c, f in layout.prefixes if c.startswith(part + "/"))
+            raise ClawError(f"{base}: BASE has no {part} tensors (nothing under {where}, layout {layout.name}); "
+                            f"a {arch.description or arch.name} needs them")
+
+
+def _check_tokenizer(base: Path, rows: int | None) -> None:
+    """Token ids past the embedding's rows would index nothing: refuse before merging."""
+    file = base / "tokenizer.json"
+    if rows is None or not file.is_file():
+        return
+    try:
+        data = json.loads(file.read_text())
+        ids = list((data.get("model") or {}).get("vocab", {}).values() if isinstance(
+            (data.get("model") or {}).get("vocab"), dict) else [])
+        ids += [t["id"] for t in data.get("added_tokens") or []]
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        return          # not a tokenizers file clawconvert can read; transformers will say more
+    top = max((i for i in ids if isinstance(i, int)), default=-1)
+    if top >= rows:
+        raise ClawError(f"{file}: the tokenizer has ids up to {top}, but the input embedding has {rows} rows; "
+                        f"the tokenizer does not belong to this model")
 
 
 def _part_notes(summary: dict) -> list[str]:
