@@ -53,6 +53,7 @@ from .ops import Chain
 from .tables import ExpandedTable, Rule, Table, mappings_root
 
 PARTS = ("lm", "vision", "connector")
+PART_NAMES = {"lm": "language model", "vision": "vision tower", "connector": "connector"}
 _TOP_KEYS = {"architecture", "description", "model_types", "parts", "layouts", "write", "tied", "side_files",
              "part_sources", "drop", "vision_towers"}
 _PART_KEYS = {"config", "standalone", "why", "format"}
@@ -174,9 +175,9 @@ class Architecture:
         the class from the part config's own model_type (causal_lm.yaml, llava.yaml's vision_towers)."""
         spec = self.parts[part] if part in self.parts else None
         if spec is None:
-            raise ClawError(f"{self.description or self.name} has no {part} part")
+            raise ClawError(f"{self.description or self.name} has no {PART_NAMES.get(part, part)}")
         if not spec.standalone:
-            raise ClawError(f"{self.description or self.name}: cannot write its {part} part alone: "
+            raise ClawError(f"{self.description or self.name}: cannot write its {PART_NAMES.get(part, part)} alone: "
                             f"{spec.why or 'no standalone model class'}")
         sub = config.get(spec.config) if spec.config else None
         if sub is None:     # a legacy flat config (Qwen2-VL in transformers < 4.52): the LM at the top level

@@ -90,7 +90,7 @@ class Case:
     inputs: Callable[[Any], dict]
     targets: list[str]                 # LoRA target_modules: language model and vision tower
     connector: list[str]               # modules_to_save: the connector / merger
-    lm_class: str                      # the standalone causal LM extract-text writes
+    lm_class: str | None               # the standalone causal LM extract-text writes (None: refused)
     vision_class: str | None = None    # the standalone vision model extract-visual writes (None: refused)
     lora: dict = field(default_factory=dict)
     tie: str | None = None             # what merge-lora must do with tied embeddings
@@ -128,6 +128,16 @@ CASES = {
             image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND),
         _qwen_inputs, ["q_proj", "v_proj", "down_proj", "qkv", "attn.proj", "linear_fc1"],
         ["merger", "deepstack_merger_list.0"], "Qwen3ForCausalLM"),
+    "qwen3_vl_moe": Case(
+        "qwen3_vl_moe",
+        lambda: transformers.Qwen3VLMoeConfig(
+            text_config=_qwen_text(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                   decoder_sparse_step=1),
+            vision_config=dict(QWEN_VISION, hidden_size=32, out_hidden_size=64, intermediate_size=64,
+                               deepstack_visual_indexes=[0], num_position_embeddings=64),
+            image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND),
+        _qwen_inputs, ["q_proj", "o_proj", "qkv", "attn.proj", "linear_fc2"],    # experts are bare parameters
+        ["merger"], None),
     "gemma3": Case(
         "gemma3",
         lambda: transformers.Gemma3Config(
