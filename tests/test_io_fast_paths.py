@@ -62,6 +62,24 @@ def small_stages(monkeypatch):
 
 
 @pytest.mark.parametrize("direct", ["1", "0"])
+def test_many_shards_need_no_more_buffers_than_one_file(tmp_path, monkeypatch, direct):
+    """Ten shards, written in order: each file's header goes out with its first tensor and the
+    file is flushed after its last, so three buffers serve them all (four or more shards used
+    to exhaust the ring: every shard's header held a buffer from the start)."""
+    monkeypatch.setenv("CLAWCONVERT_DIRECT_IO", direct)
+    rng = np.random.default_rng(3)
+    tensors = {f"t{i}": rng.standard_normal((1000,)).astype(np.float32) for i in range(10)}
+    w = _write(tmp_path, tensors, list(tensors), max_shard_size=4000)
+    shards = sorted(tmp_path.glob("model-*-of-00010.safetensors"))
+    assert len(shards) == 10 and w._staging._made <= staged.STAGES
+    got = {}
+    for f in shards:
+        got.update(load_file(f))
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == w.hashes[f.name]
+    assert set(got) == set(tensors) and all(np.array_equal(got[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
 @pytest.mark.parametrize("order", ["planned", "reversed"])
 def test_staged_files_read_back_exactly(tmp_path, monkeypatch, small_stages, direct, order):
     monkeypatch.setenv("CLAWCONVERT_DIRECT_IO", direct)

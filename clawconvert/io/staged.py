@@ -103,7 +103,7 @@ class Staging:
         oldest submitted one once its write and hash are done (their errors are raised here)."""
         if self._idle:
             return self._idle.pop()
-        if self._made < self._count:
+        if self._made < self._count or not self._ring:   # (every buffer held by an unfinished file: one more)
             self._made += 1
             return _Stage(self.stage_bytes)
         stage = self._ring.popleft()

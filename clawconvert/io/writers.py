@@ -90,6 +90,8 @@ class SafetensorsWriter:
         self._out: list[StagedFile] = []
         self._staging = Staging(stage_bytes=stage_size(sum(math.prod(e[1]) * e[2].itemsize for e in plan)))
         self._sizes: list[int] = []   # each file's final size
+        self._headers: list[bytes | None] = []   # each file's header, until it is written
+        self._left: list[int] = []    # tensors each file still waits for
         self.hashes: dict[str, str] = {}
         self.total_size = 0
         try:
@@ -108,7 +110,10 @@ class SafetensorsWriter:
                 data_start = 8 + len(raw)
                 out = StagedFile(path, self._staging)
                 self._out.append(out)
-                out.write_at(0, len(raw).to_bytes(8, "little") + raw)
+                # the header goes out with the file's first tensor, and a file is flushed once its last
+                # tensor is in: only the file being written holds a staging buffer, whatever the shard count
+                self._headers.append(len(raw).to_bytes(8, "little") + raw)
+                self._left.append(len(shard))
                 self._sizes.append(data_start + offset)
                 for name, shape, dtype in shard:
                     b, e = header[name]["data_offsets"]
@@ -139,12 +144,25 @@ class SafetensorsWriter:
         arr = cast(arr, dtype)
         if arr.nbytes != nbytes:
             raise ClawError(f"internal: tensor '{name}' is {arr.nbytes} bytes, planned {nbytes}")
+        self._begin(fi)
         if nbytes:
             if arr.flags.c_contiguous or arr.ndim < 2:
                 self._out[fi].write_at(offset, tensor_bytes(arr))
             else:   # a transposed view: laid out straight into the write buffers
                 self._out[fi].write_array_at(offset, arr)
-        self._pending.discard(name)
+        self._done(name, fi)
+
+    def _begin(self, fi: int) -> None:
+        header, self._headers[fi] = self._headers[fi], None
+        if header is not None:
+            self._out[fi].write_at(0, header)
+
+    def _done(self, name: str, fi: int) -> None:
+        if name in self._pending:
+            self._pending.discard(name)
+            self._left[fi] -= 1
+            if self._left[fi] == 0:
+                self._out[fi].flush()
 
     def copy_range(self, name: str, src: Path, src_offset: int, nbytes: int) -> None:
         """Copy ``nbytes`` from ``src`` at ``src_offset`` as tensor ``name`` (read straight
@@ -152,9 +170,10 @@ class SafetensorsWriter:
         fi, offset, planned, _, _ = self._slot(name)
         if nbytes != planned:
             raise ClawError(f"internal: tensor '{name}' is {nbytes} bytes, planned {planned}")
+        self._begin(fi)
         if nbytes:
             self._out[fi].copy_at(offset, src, src_offset, nbytes)
-        self._pending.discard(name)
+        self._done(name, fi)
 
     def close(self) -> list[Path]:
         """Flush everything; refuse to finish while a planned tensor was never written."""
@@ -163,7 +182,8 @@ class SafetensorsWriter:
             missing = sorted(self._pending)
             raise ClawError(f"{len(missing)} planned tensors were never written: {', '.join(missing[:5])}")
         try:
-            for out in self._out:
+            for fi, out in enumerate(self._out):
+                self._begin(fi)
                 out.flush()
             self._staging.wait()
             for out, size in zip(self._out, self._sizes):
