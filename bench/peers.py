@@ -19,6 +19,7 @@ skipping work.
                           open_clip.convert.load_big_vision_weights + save the state dict
   merge-peft              AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained +
                           merge_and_unload + save_pretrained
+  merge-peft-vlm          the same with AutoModelForImageTextToText (a Qwen2.5-VL)
   extract-visual-openclip open_clip.create_model("local-dir:SRC") (the full model), then
                           save model.visual's state dict
   extract-visual-hf       CLIPModel.from_pretrained(SRC) (the full model), then a
@@ -285,6 +286,21 @@ def merge_peft(base: str, adapter: str, dst: str) -> None:
     merged.save_pretrained(dst)
 
 
+@torch.no_grad()
+def merge_peft_vlm(base: str, adapter: str, dst: str) -> None:
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(model, adapter)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(dst)
+
+
 # -- vision tower extraction ------------------------------------------------------------------
 @torch.no_grad()
 def extract_visual_openclip(src: str, dst: str) -> None:
@@ -315,6 +331,7 @@ PEERS = {
     "bigvision-to-hf": bigvision_to_hf,
     "bigvision-to-openclip": bigvision_to_openclip,
     "merge-peft": merge_peft,
+    "merge-peft-vlm": merge_peft_vlm,
     "extract-visual-openclip": extract_visual_openclip,
     "extract-visual-hf": extract_visual_hf,
 }

@@ -55,8 +55,8 @@ from scenarios import BY_KEY, SYNTH_VERSION, Scenario, Tool  # noqa: E402
 PY = sys.executable
 SCHEMA = 1
 SIZE_ORDER = ["tiny", "tiny2", "B32", "L14", "H14", "bigG"]
-DEFAULT_DTYPE = {"openclip": {"bigG": "fp16"}, "big_vision": {}, "llm-lora": {}}
-KIND_DTYPE = {"openclip": "fp32", "big_vision": "fp32", "llm-lora": "bf16"}
+DEFAULT_DTYPE = {"openclip": {"bigG": "fp16"}, "big_vision": {}, "llm-lora": {}, "vlm-lora": {}}
+KIND_DTYPE = {"openclip": "fp32", "big_vision": "fp32", "llm-lora": "bf16", "vlm-lora": "bf16"}
 FLOOR_SIZE = "tiny"   # clawconvert's own start-up footprint is measured on this checkpoint
 IMPORT_FOOTPRINTS = (
     ("python, nothing imported", "pass"),

@@ -119,6 +119,18 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
     ),
     Scenario(
+        key="merge-lora-vlm", number="3b",
+        title="merge-lora: LoRA on both towers + merger into a Qwen2.5-VL-3B-shaped bf16 VLM",
+        source="vlm-lora", sizes=("3B",), tiny_sizes=("tiny",), src="{ckpt}", large=("3B",),
+        tools=(
+            claw("merge-lora", "{ckpt}/base", "{ckpt}/adapter", "{dst}", "-q", requires=(("command", "merge-lora"),)),
+            peer("merge-peft-vlm", "PEFT merge_and_unload + save_pretrained (AutoModelForImageTextToText)",
+                 "{ckpt}/base", "{ckpt}/adapter", "{dst}"),
+            CP,
+            CP_CACHE,
+        ),
+    ),
+    Scenario(
         key="extract-visual", number="4", title="extract-visual from the largest OpenCLIP checkpoint",
         source="openclip", sizes=("bigG",), tiny_sizes=("tiny",), src="{ckpt}", largest_size_only=True,
         large=("L14", "H14", "bigG"),

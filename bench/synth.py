@@ -6,6 +6,7 @@ small footprint cannot leak into the children's measured peak RSS)::
     python bench/synth.py openclip L14 fp32 OUT_DIR
     python bench/synth.py big_vision So400m fp32 OUT_DIR
     python bench/synth.py llm-lora 1B bf16 OUT_DIR
+    python bench/synth.py vlm-lora 3B bf16 OUT_DIR
 
 No model is ever instantiated with real storage: tensor names and shapes come from the
 architecture built on the ``meta`` device (open_clip ``CLIP``, transformers
@@ -76,6 +77,25 @@ LLM = {
                rope_theta=500000.0, tie_word_embeddings=True, shard="1GB", r=64),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# a Qwen2.5-VL-3B-shaped VLM (3.75 B parameters, tied embeddings), files in the spelling
+# transformers writes (model.*, visual.*), and a rank-16 LoRA on every linear layer of the
+# language model and on the ViT's fused qkv and attn.proj, named as PEFT names them under
+# transformers 5 (model.language_model.*, model.visual.*), with the merger in modules_to_save
+VLM = {
+    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=True),
+                 vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                             fullatt_block_indexes=[1]),
+                 shard="150KB", r=8),
+    "3B": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000,
+                         tie_word_embeddings=True),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+               shard="4GB", r=16),
+}
+VLM_VISION_TARGETS = ["qkv", "proj"]
 
 
 def _seed(name: str, seed: int) -> int:
@@ -255,8 +275,57 @@ def write_llm_lora(size: str, dtype: str, out: Path, seed: int) -> dict:
             "weights": [f"base/{f.name}" for f in files] + ["adapter/adapter_model.safetensors"]}
 
 
+def write_vlm_lora(size: str, dtype: str, out: Path, seed: int) -> dict:
+    import transformers
+    from clawconvert.io.writers import parse_size
+
+    spec = VLM[size]
+    rope = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}
+    cfg = transformers.Qwen2_5_VLConfig(text_config=dict(spec["text"], rope_parameters=rope),
+                                        vision_config=spec["vision"], tie_word_embeddings=True,
+                                        dtype=str(DTYPES[dtype]).replace("torch.", ""))
+    modules = _meta_state(lambda: transformers.Qwen2_5_VLForConditionalGeneration(cfg))
+    modules = [(k, s) for k, s in modules if k != "lm_head.weight"]           # tied
+    # files in the spelling transformers writes; modules (and so the adapter) in transformers 5's
+    on_disk = [(k.replace("model.language_model.", "model.").replace("model.visual.", "visual."), s)
+               for k, s in modules]
+    base = out / "base"
+    base.mkdir()
+    cfg.save_pretrained(base)
+    files = _stream_safetensors(base, [(k, s, DTYPES[dtype]) for k, s in on_disk], seed, "model",
+                                max_shard_size=parse_size(spec["shard"]))
+    r = spec["r"]
+    adapter = out / "adapter"
+    adapter.mkdir()
+    lora, saved = [], []
+    for k, s in modules:
+        mod, leaf = k.rsplit(".", 1)[0], k.rsplit(".", 2)[-2]
+        is_lm = k.startswith("model.language_model.layers.") and leaf in LORA_TARGETS
+        is_vit = k.startswith("model.visual.blocks.") and leaf in VLM_VISION_TARGETS
+        if k.endswith(".weight") and (is_lm or is_vit):
+            o, i = s
+            lora.append((f"base_model.model.{mod}.lora_A.weight", (r, i), torch.float32))
+            lora.append((f"base_model.model.{mod}.lora_B.weight", (o, r), torch.float32))
+        elif k.startswith("model.visual.merger."):
+            saved.append((f"base_model.model.{k}", s, DTYPES[dtype]))
+    _stream_safetensors(adapter, lora + saved, seed + 1, "adapter_model", std={n: 0.01 for n, _, _ in lora})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+        "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(%s)|model\.visual\.blocks\.\d+\.attn\.(%s)"
+                          % ("|".join(LORA_TARGETS), "|".join(VLM_VISION_TARGETS)),
+        "use_rslora": False, "use_dora": False, "modules_to_save": ["merger"],
+        "init_lora_weights": True, "inference_mode": True,
+    }, indent=2) + "\n")
+    return {"arch": (f"Qwen2.5-VL-3B-shaped VLM + LoRA r={r} on the LM's linear layers and the ViT's qkv/proj, "
+                     f"merger in modules_to_save") if size != "tiny" else f"tiny Qwen2.5-VL + LoRA r={r}",
+            "params": sum(math.prod(s) for _, s in on_disk),
+            "adapter_params": sum(math.prod(s) for _, s, _ in lora + saved),
+            "weights": [f"base/{f.name}" for f in files] + ["adapter/adapter_model.safetensors"]}
+
+
 KINDS = {"openclip": (write_openclip, OPENCLIP), "big_vision": (write_big_vision, SIGLIP),
-         "llm-lora": (write_llm_lora, LLM)}
+         "llm-lora": (write_llm_lora, LLM), "vlm-lora": (write_vlm_lora, VLM)}
 
 
 def synthesize(kind: str, size: str, dtype: str, out: Path, seed: int = 0) -> dict:
