@@ -20,13 +20,19 @@ to the directory OUT, streaming tensor by tensor: resident memory stays near one
 (plus the adapter's factors), never the whole model, and output shards are written as they
 fill.
 
-BASE is an HF causal LM directory (llama, qwen2, mistral, gemma, ...) or an HF LLaVA
-directory; ADAPTER a PEFT directory (adapter_config.json + adapter_model.safetensors or
-.bin).  The merge is PEFT's own arithmetic, computed in float32 and cast once: scale
-alpha/r (alpha/sqrt(r) with use_rslora), rank_pattern / alpha_pattern, fan_in_fan_out,
+BASE is an HF causal LM directory (llama, qwen2, mistral, gemma, ...) or a vision-language
+model (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, Idefics3,
+SmolVLM: the tables in mappings/architectures/); ADAPTER a PEFT directory (adapter_config.json
++ adapter_model.safetensors or .bin).
+
+The merge is PEFT's own arithmetic, computed in float32 and cast once: scale alpha/r
+(alpha/sqrt(r) with use_rslora), rank_pattern / alpha_pattern, fan_in_fan_out,
 lora_bias, DoRA magnitudes, LoRA on embeddings; modules_to_save, trained biases and saved
-embeddings replace the base's tensors.  Adapters saved under transformers 4 and 5 module
-names (language_model.model.* / model.language_model.*) both fit.
+embeddings replace the base's tensors.  Adapter names are matched through every layout of
+BASE's architecture table, so adapters saved under transformers 4 and 5 module names
+(language_model.model.* / model.language_model.*, visual.* / model.visual.*) both fit, LoRA
+on a VLM's vision tower and a connector in modules_to_save merge like the rest, and a LoRA
+trained on the standalone LLM fits the VLM's language model.
 
 Tied input/output embeddings: the output reproduces the unmerged PEFT model.  When the
 adapter changes both sides the same way (peft's ensure_weight_tying) the tie is kept and
@@ -34,8 +40,10 @@ the change is applied once (peft's own merge_and_unload gives W + 2*delta there)
 only one side changes (say a LoRA on embed_tokens), the head is written as its own tensor
 and tie_word_embeddings is set to false.  The command prints which it did.
 
-Without --vision, OUT is the merged model in BASE's own architecture, with BASE's
-tokenizer and other files copied.
+Without --vision, OUT is the merged model in BASE's own architecture, with every other file
+BASE has (tokenizer, chat template, processor and generation configs, license) copied byte
+for byte, in the key layout the most readers load (see `clawconvert inspect BASE`; --layout
+picks another).
 
 With --vision and a connector, OUT is an HF LlavaForConditionalGeneration directory.
 --vision is an HF CLIP/SigLIP directory (full model or vision model), read in place, or
@@ -67,12 +75,13 @@ examples:
   clawconvert merge-lora Qwen2-0.5B my-lora out/llava --vision clip-vit-large-patch14 \\
       --connector other_params.bin
   clawconvert merge-lora llava-1.5-7b-hf my-llava-lora out/llava-merged
+  clawconvert merge-lora Qwen2.5-VL-3B-Instruct my-vl-lora out/merged --layout transformers-5
   clawconvert merge-lora hf-hub:Qwen/Qwen2-0.5B hf-hub:me/qwen-lora out/merged --push-to me/qwen-merged"""
 
 def register(sub) -> None:
     p = sub.add_parser("merge-lora", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("base", metavar="BASE", help="HF causal LM or LLaVA directory (or hf-hub:org/name)")
+    p.add_argument("base", metavar="BASE", help="HF causal LM or vision-language model directory (or hf-hub:org/name)")
     p.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter directory (or hf-hub:org/name)")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     g = p.add_argument_group("LLaVA assembly")
