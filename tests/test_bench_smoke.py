@@ -104,7 +104,7 @@ def test_scenarios_are_declared_well():
     peers = (BENCH / "peers.py").read_text()
     keys = [s.key for s in scenarios.SCENARIOS]
     assert len(keys) == len(set(keys))
-    assert {"1", "2a", "2b", "3", "4"} == {s.number for s in scenarios.SCENARIOS}
+    assert {"1", "2a", "2b", "3", "3b", "4"} == {s.number for s in scenarios.SCENARIOS}
     for s in scenarios.SCENARIOS:
         roles = [t.role for t in s.tools]
         assert roles.count("clawconvert") == 1 and roles.count("floor") == 1 and "peer" in roles, s.key
