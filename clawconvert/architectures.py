@@ -55,9 +55,10 @@ from .tables import ExpandedTable, Rule, Table, mappings_root
 PARTS = ("lm", "vision", "connector")
 PART_NAMES = {"lm": "language model", "vision": "vision tower", "connector": "connector"}
 _TOP_KEYS = {"architecture", "description", "model_types", "parts", "layouts", "write", "tied", "side_files",
-             "part_sources", "drop", "vision_towers"}
-_PART_KEYS = {"config", "standalone", "why", "format"}
-_ROW_KEYS = {"class", "tie_word_embeddings", "tied", "conv1d", "note"}
+             "part_sources", "drop", "vision_towers", "tokenizer"}
+_PART_KEYS = {"config", "standalone", "why", "format", "params"}
+_ROW_KEYS = {"class", "tie_word_embeddings", "tied", "conv1d", "note", "remote_code"}
+_STANDALONE_KEYS = {"class", "model_type", "from_config", "drop", "set", "config", "require", "notes"}
 
 
 def part_of(canonical: str) -> str:
@@ -72,6 +73,7 @@ class Layout:
     loaded_by: str
     prefixes: tuple[tuple[str, str], ...]     # (canonical prefix, file prefix)
     note: str = ""
+    files: tuple[str, ...] = ()               # part_sources: the file names this layout is found in
 
     def to_canonical(self, key: str) -> str | None:
         best = None
@@ -101,7 +103,8 @@ class Part:
     config: str | None                 # where its config lives in config.json (None: the top level)
     standalone: dict | None            # {class, model_type, ...}: the transformers model that holds it alone
     why: str = ""                      # why there is no standalone model
-    format: str = "hf"                 # the part's tensor format (a family table when not hf)
+    format: str = "hf"                 # hf, or "family/format": the family table its tensors go through
+    params: dict = field(default_factory=dict)   # that table's params: name -> expression over the config
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class Architecture:
     drop: tuple[str, ...]
     sha256: str
     vision_towers: dict[str, dict] = field(default_factory=dict)
+    tokenizer: dict = field(default_factory=dict)
 
     @property
     def table_name(self) -> str:
@@ -168,21 +172,31 @@ class Architecture:
                             details=[f"no layout explains '{k}'" for k in stray[1:20]])
         return max(scored, key=lambda s: s[:2])[2]
 
-    def standalone(self, part: str, config: dict) -> tuple[str, dict]:
-        """(transformers class, config.json) of ``part`` as a model of its own, translated from
-        this model's ``config`` by the part's ``standalone`` row: ``class`` and ``model_type``
-        set, ``drop`` (dotted keys) removed, ``set`` applied; ``from_config: model_type`` takes
-        the class from the part config's own model_type (causal_lm.yaml, llava.yaml's vision_towers)."""
-        spec = self.parts[part] if part in self.parts else None
+    def part_config(self, part: str, config: dict) -> dict:
+        """The part's own config dict inside ``config.json`` (a legacy flat config: the top level)."""
+        spec = self.parts[part]
+        sub = config.get(spec.config) if spec.config else None
+        if sub is None:     # Qwen2-VL in transformers < 4.52, Qwen-1: the LM's fields at the top level
+            sub = {k: v for k, v in config.items() if not k.endswith("_config")}
+        return json.loads(json.dumps(sub))
+
+    def standalone(self, part: str, config: dict) -> tuple[str, dict, list[str]]:
+        """(transformers class, config.json, notes) of ``part`` as a model of its own, translated
+        from this model's ``config`` by the part's ``standalone`` row.
+
+        ``config`` (field: expression over the part's config, ``{value: V}`` a literal) builds
+        the config afresh; otherwise the part's config is copied, ``drop`` (dotted keys) removed,
+        ``set`` applied.  ``require`` (expression: reason) refuses what would change the
+        function, ``notes`` (expression: text) says what acts only on some inputs.
+        ``from_config: model_type`` takes the class from the part config's own model_type
+        (causal_lm.yaml's rows, llava.yaml's vision_towers)."""
+        spec = self.parts.get(part)
         if spec is None:
             raise ClawError(f"{self.description or self.name} has no {PART_NAMES.get(part, part)}")
         if not spec.standalone:
             raise ClawError(f"{self.description or self.name}: cannot write its {PART_NAMES.get(part, part)} alone: "
                             f"{spec.why or 'no standalone model class'}")
-        sub = config.get(spec.config) if spec.config else None
-        if sub is None:     # a legacy flat config (Qwen2-VL in transformers < 4.52): the LM at the top level
-            sub = {k: v for k, v in config.items() if not k.endswith("_config")}
-        sub = json.loads(json.dumps(sub))
+        sub = self.part_config(part, config)
         row = dict(spec.standalone)
         if row.get("from_config") == "model_type":
             mt = sub.get("model_type", "")
@@ -193,6 +207,21 @@ class Architecture:
             if not cls:
                 raise ClawError(f"{self.name}: no standalone class known for its {part} model_type '{mt}'")
             row.update({"class": cls, "model_type": mt})
+        for expr, why in (row.get("require") or {}).items():
+            if not evaluate_config(expr, sub, self.table_name):
+                raise ClawError(f"{self.description or self.name} has {why}; it has no lossless "
+                                f"{row['class']} form ({expr} does not hold)")
+        notes = [str(text).format(**sub) for expr, text in (row.get("notes") or {}).items()
+                 if evaluate_config(expr, sub, self.table_name)]
+        if "config" in row:
+            fresh = {}
+            for key, expr in row["config"].items():
+                value = expr["value"] if isinstance(expr, dict) else evaluate_config(str(expr), sub, self.table_name)
+                fresh[key] = value
+            for key in ("torch_dtype", "dtype"):
+                if key in sub:
+                    fresh[key] = sub[key]
+            sub = fresh
         for dotted in row.get("drop", ()):
             *path, last = dotted.split(".")
             node = sub
@@ -205,7 +234,7 @@ class Architecture:
             sub.pop(key, None)
         sub["model_type"] = row["model_type"]
         sub["architectures"] = [row["class"]]
-        return row["class"], sub
+        return row["class"], sub, notes
 
     def table(self, layout: Layout) -> Table:
         """A :class:`Table` record (name and hash) for manifests."""
@@ -223,16 +252,6 @@ def rename_table(name: Table, pairs: Iterable[tuple[str, str]], drop: Iterable[s
     return ExpandedTable(name, rules, [re.compile(".*" + re.escape(s) + "$") for s in drop])
 
 
-def prefixed(table: ExpandedTable, canonical_prefix: str, file_prefix: str,
-             file_name=None) -> list[Rule]:
-    """The rules of a family table with both sides moved under prefixes (a part inside a model)."""
-    out = []
-    for r in table.rules:
-        files = tuple(file_name(file_prefix + f) if file_name else file_prefix + f for f in r.format)
-        out.append(Rule(tuple(canonical_prefix + c for c in r.canonical), files, r.chain, r.optional, r.origin))
-    return out
-
-
 # ------------------------------------------------------------------------------------
 # loading and validation
 # ------------------------------------------------------------------------------------
@@ -247,7 +266,7 @@ def _layouts(name: str, data: Any, where: str) -> tuple[Layout, ...]:
     for lname, spec in data.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("prefixes"), dict) or not spec["prefixes"]:
             raise _fail(name, f"{where}.{lname}: needs 'prefixes' (canonical prefix: file prefix)")
-        extra = set(spec) - {"loaded_by", "prefixes", "note"}
+        extra = set(spec) - {"loaded_by", "prefixes", "note", "files"}
         if extra:
             raise _fail(name, f"{where}.{lname}: unknown keys {sorted(extra)}")
         pairs = []
@@ -261,7 +280,8 @@ def _layouts(name: str, data: Any, where: str) -> tuple[Layout, ...]:
         files = [f for _, f in pairs]
         if len(set(files)) != len(files):
             raise _fail(name, f"{where}.{lname}: two canonical prefixes share one file prefix")
-        lay = Layout(str(lname), str(spec.get("loaded_by", "")), tuple(pairs), str(spec.get("note", "")))
+        lay = Layout(str(lname), str(spec.get("loaded_by", "")), tuple(pairs), str(spec.get("note", "")),
+                     tuple(spec.get("files") or ()))
         for canon, file in pairs:   # every pair must survive the round trip through the longest-match rule
             probe = canon + "x"
             if lay.to_canonical(lay.to_file(probe) or "") != probe:
@@ -291,8 +311,14 @@ def _validate(name: str, data: Any, raw: bytes) -> Architecture:
         spec = spec or {}
         if pname not in PARTS or not isinstance(spec, dict) or set(spec) - _PART_KEYS:
             raise _fail(name, f"parts.{pname}: a part is one of {PARTS} with keys among {sorted(_PART_KEYS)}")
-        parts[pname] = Part(pname, spec.get("config"), spec.get("standalone"), str(spec.get("why", "")),
-                            str(spec.get("format", "hf")))
+        alone = spec.get("standalone")
+        if alone is not None and (not isinstance(alone, dict) or set(alone) - _STANDALONE_KEYS):
+            raise _fail(name, f"parts.{pname}.standalone: keys must be among {sorted(_STANDALONE_KEYS)}")
+        fmt = str(spec.get("format", "hf"))
+        if fmt != "hf" and fmt.count("/") != 1:
+            raise _fail(name, f"parts.{pname}.format: write hf or FAMILY/FORMAT (a table in mappings/)")
+        parts[pname] = Part(pname, spec.get("config"), alone, str(spec.get("why", "")), fmt,
+                            dict(spec.get("params") or {}))
     layouts = _layouts(name, data.get("layouts"), "layouts")
     for lay in layouts:
         missing = lay.parts() - set(parts)
@@ -310,7 +336,7 @@ def _validate(name: str, data: Any, raw: bytes) -> Architecture:
         if not isinstance(row, dict) or set(row) != {"tower", "class", "prefix_tokens"} \
                 or not isinstance(row["prefix_tokens"], int):
             raise _fail(name, f"vision_towers.{mt}: needs exactly {{tower: MODEL_TYPE, class: NAME, prefix_tokens: N}}")
-    return Architecture(vision_towers=towers, name=name, description=str(data.get("description", "")), model_types=rows, parts=parts,
+    return Architecture(vision_towers=towers, tokenizer=dict(data.get("tokenizer") or {}), name=name, description=str(data.get("description", "")), model_types=rows, parts=parts,
                         layouts=layouts, write=write, tied=tuple(tied) if tied else None,
                         side_files=tuple(data.get("side_files") or ()), part_sources=sources,
                         drop=tuple(data.get("drop") or ()), sha256=hashlib.sha256(raw).hexdigest())
@@ -346,6 +372,39 @@ def architecture_for(model_type: str) -> Architecture | None:
 
 def known_model_types() -> list[str]:
     return sorted({mt for a in all_architectures().values() for mt in a.model_types})
+
+
+def evaluate_config(expr: str, config: dict, origin: str = "architecture table"):
+    """A table expression over config fields: names, numbers, + - * / //, comparisons, and/or/not."""
+    import ast
+    import operator as op
+    binops = {ast.Add: op.add, ast.Sub: op.sub, ast.Mult: op.mul, ast.FloorDiv: op.floordiv, ast.Div: op.truediv}
+    cmps = {ast.Eq: op.eq, ast.NotEq: op.ne, ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge}
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except SyntaxError as e:
+        raise ClawError(f"{origin}: cannot read expression {expr!r}") from e
+
+    def ev(n):
+        if isinstance(n, ast.Constant) and isinstance(n.value, (int, float, str, bool)):
+            return n.value
+        if isinstance(n, ast.Name):
+            if n.id not in config:
+                raise ClawError(f"config.json has no '{n.id}' (needed by {origin}: {expr})")
+            return config[n.id]
+        if isinstance(n, ast.BinOp) and type(n.op) in binops:
+            return binops[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not):
+            return not ev(n.operand)
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -ev(n.operand)
+        if isinstance(n, ast.BoolOp):
+            vals = [ev(v) for v in n.values]
+            return all(vals) if isinstance(n.op, ast.And) else any(vals)
+        if isinstance(n, ast.Compare) and len(n.ops) == 1 and type(n.ops[0]) in cmps:
+            return cmps[type(n.ops[0])](ev(n.left), ev(n.comparators[0]))
+        raise ClawError(f"{origin}: expression {expr!r}: only names, numbers, arithmetic and comparisons")
+    return ev(tree)
 
 
 @dataclass

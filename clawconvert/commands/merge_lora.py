@@ -95,8 +95,9 @@ def register(sub) -> None:
                         "(default: the adapter's modules_to_save)")
     g.add_argument("--image-token", default="<image>", metavar="TOKEN",
                    help="image placeholder token, added to the tokenizer when missing (default: <image>)")
-    g.add_argument("--vision-feature-layer", type=int, default=-1, metavar="N",
-                   help="vision hidden state fed to the connector (default: -1, the last layer)")
+    g.add_argument("--vision-feature-layer", type=int, default=None, metavar="N",
+                   help="vision hidden state fed to the connector (default: the adapter folder's original-LLaVA "
+                        "config.json mm_vision_select_layer, else -1, the last layer)")
     g.add_argument("--vision-feature-select-strategy", choices=["default", "full"], default=None,
                    help="'default' drops the CLS token, 'full' keeps all (default: 'default' for CLIP, "
                         "'full' for SigLIP)")

@@ -23,7 +23,7 @@ from ..io.dtypes import DType
 from ..io.readers import open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import source_fingerprint, write_manifest
-from .relayout import plan_relayout
+from .relayout import part_rules, plan_relayout
 
 PARTS = {"text": "lm", "visual": "vision"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -59,8 +59,7 @@ def extract_part(src: Path, dst: str | Path, tower: str, *, source_name: str, hu
     part = PARTS[tower]
     arch = vlm_architecture(src)
     config = json.loads((src / "config.json").read_text())
-    cls, part_config = arch.standalone(part, config)
-    notes: list[str] = []
+    cls, part_config, notes = arch.standalone(part, config)
     if part == "lm":
         part_config["tie_word_embeddings"] = bool(config.get("tie_word_embeddings",
                                                              arch.tie_default(config["model_type"])))
@@ -68,7 +67,8 @@ def extract_part(src: Path, dst: str | Path, tower: str, *, source_name: str, hu
         part_config["dtype"] = dtype_name
     store = open_tensors(src, unsafe_pickle=unsafe_pickle)
     layout = arch.detect_layout(store.keys(), src)
-    plan = plan_relayout(store, arch, layout, standalone_layout(part), dtype=dtype, parts=[part])
+    plan = plan_relayout(store, arch, layout, standalone_layout(part), dtype=dtype, parts=[part],
+                         src_rules=part_rules(arch, layout, config))
     dest = Path(dst).absolute()
     with atomic_output_dir(dst, overwrite=overwrite, sources=(src,)) as tmp:
         writer = SafetensorsWriter(tmp, plan.writer_plan, max_shard_size=parse_size(max_shard_size))

@@ -14,17 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from ..architectures import Architecture, Resolver, architecture_for, known_model_types, load_architecture, part_of
 from ..errors import ClawError
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, DType
-from ..architectures import Architecture, Resolver, architecture_for, known_model_types, load_architecture, part_of
-from ..io.readers import GatheredStore, open_tensors
+from ..io.readers import open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import MANIFEST, source_fingerprint, write_manifest
+from ..tables import load_table
 from . import llava
+from .assembly import LlavaAssembly, trainer_files
 from .lora import Adapter
-from .merge import MergePlan, plan_merge
+from .merge import plan_merge
+from .relayout import CANONICAL, part_rules, plan_relayout
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
@@ -117,15 +120,16 @@ def _dtype_name(dtype: DType | None) -> str | None:
 
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connector: str | Path | None = None,
                vision: str | Path | None = None, dtype: str = "keep", image_token: str = "<image>",
-               vision_feature_layer: int = -1, vision_feature_select_strategy: str | None = None,
+               vision_feature_layer: int | None = None, vision_feature_select_strategy: str | None = None,
                chat_template: str | Path | None = None, layout: str | None = None,
                max_shard_size: str | int = "5GB", overwrite: bool = False, unsafe_pickle: bool = False,
                progress: bool = False) -> MergeResult:
     """Merge ``adapter`` into ``base`` (and assemble a LLaVA with ``vision``); see ``merge-lora --help``.
 
-    ``layout`` names the output's key layout from BASE's architecture table (default: the
-    table's ``write`` layout, the one the most readers load)."""
-    with contextlib.ExitStack() as stack:    # holds the scratch copy of a converted vision tower
+    ``layout`` names the output's key layout from its architecture table (default: the table's
+    ``write`` layout, the one the most readers load).  ``vision_feature_layer`` defaults to the
+    adapter folder's LLaVA config (``mm_vision_select_layer``), else -1."""
+    with contextlib.ExitStack() as stack:    # holds scratch copies (a converted vision tower, a built tokenizer)
         if dtype not in CLI_DTYPES:
             raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
         out_dtype = CLI_DTYPES[dtype]
@@ -136,16 +140,20 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             raise ClawError(f"{base_path}: BASE must be a Hugging Face model directory")
         base_config = _read_json(base_path / "config.json")
         arch, model_type, notes = _architecture(base_path, base_config)
-        is_vlm = arch.name != "causal_lm"
+        is_vlm = "vision" in arch.parts
+        converts_lm = arch.parts["lm"].format != "hf"     # Qwen-1: written as its standalone class (Qwen2)
         if is_vlm and (vision is not None or connector is not None):
             raise ClawError(f"{base_path}: BASE is already a vision-language model ({model_type}); --vision and "
                             f"--connector build a LLaVA from a causal LM")
         if connector is not None and vision is None:
             raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
-        target_arch = load_architecture("llava") if vision is not None else arch
+        target_arch = (load_architecture("llava") if vision is not None else
+                       load_architecture("causal_lm") if converts_lm else arch)
         out_layout = target_arch.layout(layout) if layout else target_arch.write_layout
         tied = _effective_tie(base_path, base_config, arch, model_type)
         adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle)
+        research = ResearchFolder(adapter_path)
+        notes += research.notes()
         base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
         base_layout = arch.detect_layout(base_store.keys(), base_path)
         known = {c for k in base_store.keys() if not arch.dropped(k) and (c := base_layout.to_canonical(k))}
@@ -153,29 +161,42 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         pair = arch.tied_pair(model_type)
         if pair and pair[0] in known:
             known.add(pair[1])        # a tied head the base does not store is still a module adapters target
-        standalone = () if not is_vlm else load_architecture("causal_lm").layouts   # text-only adapters
+        standalone = load_architecture("causal_lm").layouts if is_vlm else ()   # text-only adapters
         resolver = Resolver(arch, base_layout, known, standalone)
 
         plan = plan_merge(base_store, adapter_obj, resolver, tied_pair=pair, tied=tied,
                           conv1d=bool(arch.row(model_type).get("conv1d")), dtype=out_dtype)
         notes += _part_notes(plan.summary)
         _check_tokenizer(base_path, plan.vocab_rows)
+        if converts_lm:
+            _, text_config, lm_notes = arch.standalone("lm", base_config)
+            notes += lm_notes
+        else:
+            text_config = arch.part_config("lm", base_config) if is_vlm else dict(base_config)
+        tokenizer_dir, tokenizer_notes = base_tokenizer(base_path, arch, base_config, stack, Path(out))
+        notes += tokenizer_notes
+
         assembly, extra_rows = None, 0
         if vision is not None:
-            scratch = _scratch_beside(Path(out), stack) if not (vision_path / "config.json").is_file() else None
-            assembly = _Assembly(base_path, vision_path, scratch, image_token, vision_feature_layer,
-                                 vision_feature_select_strategy, chat_template, unsafe_pickle)
+            scratch = _scratch_beside(Path(out), stack, "vision") if not (vision_path / "config.json").is_file() else None
+            store, vision_config = llava.vision_tower_source(vision_path, scratch, unsafe_pickle)
+            layer, strategy = research.feature_selection(vision_feature_layer, vision_feature_select_strategy)
+            assembly = LlavaAssembly(
+                store, vision_config, tokenizer=llava.load_tokenizer(tokenizer_dir) if tokenizer_dir else None,
+                image_token=image_token, image_token_id=special_token_id(arch, image_token), feature_layer=layer,
+                strategy=strategy, chat_template=chat_template, unsafe_pickle=unsafe_pickle)
             extra_rows = max(0, assembly.image_token_index + 1 - (plan.vocab_rows or 0))
             if extra_rows:
                 plan.grow_vocab(extra_rows)
 
         leftovers = dict(plan.leftovers)
         if assembly is not None:
-            leftovers = assembly.take_connector(connector, adapter_obj, leftovers, notes)
+            candidates = [(adapter_obj.store, leftovers.values(), f"{adapter_obj.path} (modules_to_save)")]
+            candidates += research.connector_stores(unsafe_pickle)
+            leftovers = assembly.take_connector(connector, candidates, leftovers, notes)
         _refuse_leftovers(leftovers, base_path)
 
         # output config
-        text_config = dict(base_config.get("text_config") or {}) if is_vlm else dict(base_config)
         if plan.untied:
             text_config["tie_word_embeddings"] = False
         elif tied:
@@ -185,8 +206,10 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         lm_dtype = _dtype_name(out_dtype) or next((text_config[k] for k in CONFIG_DTYPE_KEYS if k in text_config), None)
         _set_dtype(text_config, _dtype_name(out_dtype))
 
+        src_layout = CANONICAL if assembly else base_layout
         if assembly is not None:
-            source = assembly.gather(plan, base_layout, text_config)
+            lm = {c: (plan.store, k) for k in plan.store.keys() if (c := base_layout.to_canonical(k)) is not None}
+            source = assembly.gather(lm, text_config, plan.store.path)
             config = assembly.config(text_config, lm_dtype)
             architecture = "LlavaForConditionalGeneration"
         else:
@@ -198,9 +221,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                     config["tie_word_embeddings"] = False
                 _set_dtype(config, _dtype_name(out_dtype))
             architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
-        from .relayout import CANONICAL, plan_relayout
-        engine_plan = plan_relayout(source, target_arch, CANONICAL if assembly else base_layout, out_layout,
-                                    dtype=out_dtype)
+        engine_plan = plan_relayout(source, arch, src_layout, out_layout, dst_arch=target_arch, dtype=out_dtype,
+                                    src_rules=part_rules(arch, src_layout, base_config))
 
         sources = tuple(p for p in (base_path, adapter_path, vision_path,
                                     Path(connector) if connector is not None else None) if p is not None)
@@ -223,8 +245,13 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                 copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
             else:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-                copied = _copy_side_files(base_path, tmp)
-                if not any(f in copied for f in TOKENIZER_FILES):
+                if converts_lm:     # a different architecture: its tokenizer and generation config only
+                    copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
+                    if tokenizer_dir is not None:
+                        copied += _copy_side_files(tokenizer_dir, tmp, keep=TOKENIZER_FILES)
+                else:
+                    copied = _copy_side_files(base_path, tmp)
+                if not any(f in copied for f in TOKENIZER_FILES) and tokenizer_dir is None:
                     notes.append(f"{base_path} has no tokenizer files; none copied")
             merge_record = {**plan.summary, "tie": plan.tie, "extra_embedding_rows": extra_rows,
                             "copied_from_base": copied, "layout": {"base": base_layout.name, "output": out_layout.name,
@@ -242,9 +269,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                        if connector is not None else {}),
                 },
                 "target": {"format": "hf", "architecture": architecture},
-                "tables": [{"name": t.name, "sha256": t.sha256}
-                           for t in {arch.table(base_layout).name: arch.table(base_layout),
-                                     target_arch.table(out_layout).name: target_arch.table(out_layout)}.values()],
+                "tables": _tables(arch, base_layout, target_arch, out_layout),
                 "dtype": dtype,
                 "merge": merge_record,
                 "notes": notes,
@@ -252,6 +277,86 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             dest = Path(out).absolute()
         return MergeResult(dest, architecture, len(engine_plan.targets), writer.total_size, [f.name for f in files],
                            plan.tie, notes, merge_record)
+
+
+def _tables(arch: Architecture, base_layout, target_arch: Architecture, out_layout) -> list[dict]:
+    tables = {t.name: t for t in (arch.table(base_layout), target_arch.table(out_layout))}
+    for part in arch.parts.values():
+        if part.format != "hf":
+            t = load_table(*part.format.split("/"))
+            tables[t.name] = t
+    return [{"name": t.name, "sha256": t.sha256} for t in tables.values()]
+
+
+def base_tokenizer(base: Path, arch: Architecture, config: dict, stack: contextlib.ExitStack,
+                   out: Path) -> tuple[Path | None, list[str]]:
+    """The directory holding BASE's tokenizer: BASE itself, or a fast tokenizer built (in a scratch
+    directory beside OUT) from a tiktoken file the architecture table names (Qwen-1's qwen.tiktoken)."""
+    if any((base / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        return base, []
+    spec = arch.tokenizer
+    if not spec:
+        return None, []
+    ranks = base / spec["tiktoken"]
+    if not ranks.is_file():
+        return None, [f"{base} has no {spec['tiktoken']}: no tokenizer written (put Qwen-1's {spec['tiktoken']}, "
+                      f"which every Qwen-1 checkpoint and the dashscope wheel ship, beside its config.json)"]
+    from .tiktoken_bpe import build
+    scratch = _scratch_beside(out, stack, "tokenizer")
+    build(ranks, spec, scratch, model_max_length=config.get("seq_length"))
+    return scratch, [f"tokenizer.json built from {spec['tiktoken']} (byte-level BPE, every token checked)"]
+
+
+def special_token_id(arch: Architecture, token: str) -> int | None:
+    """The id of a special token the architecture's tokenizer fixes (Qwen-1: <|extra_0|> is 151646)."""
+    spec = arch.tokenizer
+    if not spec:
+        return None
+    names = list(spec.get("special_tokens", []))
+    extra = spec.get("extra_tokens")
+    if extra:
+        names += [extra["format"].format(i=i) for i in range(int(extra["count"]))]
+    return int(spec["first_special_id"]) + names.index(token) if token in names else None
+
+
+class ResearchFolder:
+    """What research code leaves beside a PEFT adapter: a connector file (llava.yaml's
+    ``part_sources`` name them: ``other_params.bin``, ``non_lora_trainables.bin``), an original
+    LLaVA ``config.json`` with ``mm_vision_select_layer``, and trainer state that is never opened."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.connector_files = [self.folder / f for lay in load_architecture("llava").part_sources["connector"]
+                                for f in lay.files if (self.folder / f).is_file()]
+        cfg = self.folder / "config.json"
+        self.llava_config = {}
+        if cfg.is_file():
+            try:
+                data = json.loads(cfg.read_text())
+                if isinstance(data, dict) and "mm_vision_select_layer" in data:
+                    self.llava_config = data
+            except (ValueError, UnicodeDecodeError):
+                pass
+
+    def notes(self) -> list[str]:
+        ignored = trainer_files(self.folder)
+        return [f"ignored in {self.folder}: {', '.join(ignored)} (trainer state, never unpickled)"] if ignored else []
+
+    def connector_stores(self, unsafe_pickle: bool) -> list[tuple]:
+        out = []
+        for f in self.connector_files:
+            store = open_tensors(f, unsafe_pickle=unsafe_pickle)
+            out.append((store, store.keys(), str(f)))
+        return out
+
+    def feature_selection(self, layer: int | None, strategy: str | None) -> tuple[int, str | None]:
+        """--vision-feature-layer / -strategy, else the original LLaVA config's, else -1 and the tower's default."""
+        cfg = self.llava_config
+        if layer is None:
+            layer = int(cfg.get("mm_vision_select_layer", -1))
+        if strategy is None and cfg.get("mm_vision_select_feature"):
+            strategy = {"patch": "default", "cls_patch": "full"}.get(cfg["mm_vision_select_feature"])
+        return layer, strategy
 
 
 def _require_parts(arch: Architecture, layout, known: set[str], base: Path) -> None:
@@ -305,12 +410,12 @@ def _refuse_leftovers(leftovers: dict[str, str], base: Path) -> None:
                     details=[f"adapter tensor '{k}' has no counterpart '{p}'" for p, k in list(leftovers.items())[1:]])
 
 
-def _scratch_beside(out: Path, stack: contextlib.ExitStack) -> Path:
+def _scratch_beside(out: Path, stack: contextlib.ExitStack, what: str) -> Path:
     """A temporary directory beside OUT (same disk), removed when the merge ends."""
     parent = out.absolute().parent
     if not parent.is_dir():
         raise ClawError(f"{parent}: parent directory does not exist")
-    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}vision-", dir=parent)))
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{what}-", dir=parent)))
 
 
 def _progress(enabled: bool, total: int):
@@ -318,90 +423,3 @@ def _progress(enabled: bool, total: int):
         return None
     from tqdm import tqdm
     return lambda it: tqdm(it, total=total, desc="merge-lora", unit="tensor", leave=False, dynamic_ncols=True)
-
-
-class _Assembly:
-    """The LLaVA side of a merge: vision tower, connector, tokenizer with the image token, processor."""
-
-    def __init__(self, base: Path, vision: Path, scratch: Path | None, image_token: str, feature_layer: int,
-                 strategy: str | None, chat_template: str | Path | None, unsafe_pickle: bool):
-        self.vision, self.vision_config = llava.vision_tower_source(vision, scratch, unsafe_pickle)
-        self.vision_dir = self.vision.path.parent
-        self.unsafe_pickle = unsafe_pickle
-        family_default = "default" if llava.num_additional_tokens(self.vision_config) else "full"
-        self.strategy = strategy or family_default
-        self.feature_layer = feature_layer
-        self.image_token = image_token
-        self.tokenizer = llava.load_tokenizer(base)
-        self.image_token_index, self.token_added = llava.add_image_token(self.tokenizer, image_token)
-        self.chat_template, self.template_origin = llava.choose_chat_template(
-            self.tokenizer, Path(chat_template) if chat_template is not None else None)
-        self.image_seq_length = llava.image_token_count(self.vision_config, self.strategy)
-        self.connector: llava.Connector | None = None
-        self.projector_bias = True
-
-    def take_connector(self, path: str | Path | None, adapter: Adapter, leftovers: dict[str, str],
-                       notes: list[str]) -> dict[str, str]:
-        """The connector from --connector, else from the adapter's leftovers; returns the leftovers it left."""
-        given = llava.open_connector(path, self.unsafe_pickle) if path is not None else None
-        stored = llava.detect_connector(adapter.store, leftovers.values(), f"{adapter.path} (modules_to_save)")
-        if stored is not None:
-            used = {stored.key(role) for role in stored.tensors}
-            leftovers = {p: k for p, k in leftovers.items() if k not in used}
-            if given is not None:
-                notes.append(f"the adapter also stores a connector ({stored.key('linear_1.weight')}, ...); "
-                             f"used --connector {path} instead")
-        self.connector = given or stored
-        if self.connector is None:
-            raise ClawError("--vision needs a connector: pass --connector FILE (the adapter's modules_to_save "
-                            "holds none)")
-        return leftovers
-
-    def gather(self, plan: MergePlan, lm_layout, text_config: dict) -> GatheredStore:
-        """One store of the LLaVA's tensors under their canonical names: the merged language model,
-        the vision tower and the connector (read lazily, each from its own file)."""
-        llava.check_connector(self.connector, int(self.vision_config["hidden_size"]), int(text_config["hidden_size"]))
-        self.projector_bias = self.connector.bias
-        entries = {}
-        for key in plan.store.keys():
-            c = lm_layout.to_canonical(key)
-            if c is not None:
-                entries[c] = (plan.store, key)
-        for key in self.vision.keys():
-            entries[key] = (self.vision, key)
-        for role, (store, key) in self.connector.tensors.items():
-            entries[f"connector/{role}"] = (store, key)
-        return GatheredStore(plan.store.path, entries)
-
-    def config(self, text_config: dict, dtype_name: str | None):
-        text = {k: v for k, v in text_config.items()
-                if k not in ("architectures", "transformers_version", "_name_or_path")}
-        return llava.llava_config(text, self.vision_config, image_token_index=self.image_token_index,
-                                  image_seq_length=self.image_seq_length, vision_feature_layer=self.feature_layer,
-                                  strategy=self.strategy, projector_bias=self.projector_bias, dtype=dtype_name)
-
-    def write_processor(self, out: Path) -> list[str]:
-        from transformers import LlavaProcessor
-
-        image_processor, origin = llava.image_processor_for(self.vision_dir, self.vision_config)
-        self.image_processor_origin = origin
-        self.tokenizer.chat_template = self.chat_template
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=self.tokenizer,
-            patch_size=int(self.vision_config.get("patch_size", 16)),
-            vision_feature_select_strategy=self.strategy, chat_template=self.chat_template,
-            image_token=self.image_token,
-            num_additional_image_tokens=llava.num_additional_tokens(self.vision_config))
-        processor.save_pretrained(str(out))
-        return [f"image processor: {origin}", f"chat template: {self.template_origin}"]
-
-    def record(self) -> dict:
-        return {"image_token": self.image_token, "image_token_index": self.image_token_index,
-                "image_token_added": self.token_added, "image_seq_length": self.image_seq_length,
-                "vision_feature_layer": self.feature_layer, "vision_feature_select_strategy": self.strategy,
-                "connector": {"origin": self.connector.origin, "layout": self.connector.layout},
-                "vision_config_model_type": self.vision_config["model_type"],
-                "chat_template": self.template_origin,
-                "image_processor": getattr(self, "image_processor_origin", None)}
-
-

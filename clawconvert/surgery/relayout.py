@@ -11,21 +11,22 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..architectures import Architecture, Layout, part_of, rename_table
+from ..architectures import Architecture, Layout, evaluate_config, part_of, rename_table
 from ..engine import Plan, plan_conversion
 from ..errors import ClawError
 from ..io.dtypes import DType
 from ..io.readers import TensorStore
-from ..tables import ExpandedTable, Rule
+from ..tables import ExpandedTable, Rule, load_table
 
 # the canonical names themselves, as a layout: a store whose keys are already canonical
 CANONICAL = Layout("canonical", "", (("lm/", "lm/"), ("vision/", "vision/"), ("connector/", "connector/")))
 
 
 def plan_relayout(store: TensorStore, arch: Architecture, src: Layout, dst: Layout, *,
-                  dtype: DType | None = None, parts: Iterable[str] | None = None,
-                  src_rules: list[Rule] = ()) -> Plan:
-    """Plan ``store`` (explained by ``src``) written in ``dst``, keeping ``parts`` (all by default).
+                  dst_arch: Architecture | None = None, dtype: DType | None = None,
+                  parts: Iterable[str] | None = None, src_rules: list[Rule] = ()) -> Plan:
+    """Plan ``store`` (explained by ``arch``'s layout ``src``) written in ``dst`` (a layout of
+    ``dst_arch``, by default the same architecture), keeping ``parts`` (all by default).
 
     ``src_rules`` are extra source rules, e.g. a family table's ops for a part whose tensors are
     not in the canonical spelling (Qwen-1's fused ``c_attn``); the keys they read are not renamed."""
@@ -46,9 +47,9 @@ def plan_relayout(store: TensorStore, arch: Architecture, src: Layout, dst: Layo
     for c in wanted:
         name = dst.to_file(c)
         if name is None:
-            raise ClawError(f"{arch.table_name}: layout {dst.name} has no place for '{c}'")
+            raise ClawError(f"{(dst_arch or arch).table_name}: layout {dst.name} has no place for '{c}'")
         targets.append((c, name))
-    target = rename_table(arch.table(dst), targets)
+    target = rename_table((dst_arch or arch).table(dst), targets)
     expected = {}
     for r in source.rules:
         if all(f in store for f in r.format):
@@ -56,3 +57,21 @@ def plan_relayout(store: TensorStore, arch: Architecture, src: Layout, dst: Layo
                 expected[c] = shape
     ignore = [c for c in canonical if c not in set(wanted)]
     return plan_conversion(store, source, target, expected, dtype, ignore)
+
+
+def part_rules(arch: Architecture, layout: Layout, config: dict) -> list[Rule]:
+    """Source rules for the parts whose tensors are not in the canonical spelling: each such part's
+    family table (``format: qwen2/qwen1``) expanded with its params, canonical names under
+    ``part/``, format names through ``layout`` (where that part sits in the files)."""
+    rules: list[Rule] = []
+    for name, part in arch.parts.items():
+        if part.format == "hf":
+            continue
+        family, fmt = part.format.split("/")
+        sub = arch.part_config(name, config)
+        params = {k: evaluate_config(str(v), sub, arch.table_name) for k, v in part.params.items()}
+        expanded = load_table(family, fmt).expand(params)
+        for r in expanded.rules:
+            files = tuple(layout.to_file(f"{name}/{f}") for f in r.format)
+            rules.append(Rule(tuple(f"{name}/{c}" for c in r.canonical), files, r.chain, r.optional, r.origin))
+    return rules

@@ -1,0 +1,123 @@
+"""Assembling an HF LLaVA from parts: a language model, a vision tower, a connector, a tokenizer.
+
+:class:`LlavaAssembly` is what ``merge-lora --vision`` and the conversion of research-code
+checkpoints (the VLM-learning tutorial's folder, original LLaVA) share: it finds the connector,
+adds the image token, gathers every tensor under its canonical name for the engine, and writes
+the LLaVA config and processor.  Which files may hold a connector, and in which layouts, is
+llava.yaml's ``part_sources``; which tokens a tokenizer-less Qwen-1 base has, qwen.yaml's
+``tokenizer``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import ClawError
+from ..io.readers import GatheredStore, TensorStore
+from . import llava
+
+# the files of a PEFT checkpoint folder that are trainer state: never opened, named in a note
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json", "scaler.pt",
+                 "rng_state.pth")
+
+
+def trainer_files(folder: Path) -> list[str]:
+    return sorted(f.name for f in Path(folder).iterdir()
+                  if f.is_file() and (f.name in TRAINER_FILES or f.name.startswith("rng_state")))
+
+
+class LlavaAssembly:
+    """The LLaVA side of a merge or conversion: vision tower, connector, tokenizer, processor."""
+
+    def __init__(self, vision: TensorStore, vision_config: dict, *, tokenizer, image_token: str,
+                 image_token_id: int | None, feature_layer: int, strategy: str | None,
+                 chat_template: str | Path | None, unsafe_pickle: bool):
+        self.vision, self.vision_config = vision, vision_config
+        self.vision_dir = vision.path.parent
+        self.unsafe_pickle = unsafe_pickle
+        family_default = "default" if llava.num_additional_tokens(vision_config) else "full"
+        self.strategy = strategy or family_default
+        self.feature_layer = feature_layer
+        self.image_token = image_token
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            self.image_token_index, self.token_added = llava.add_image_token(tokenizer, image_token)
+            self.chat_template, self.template_origin = llava.choose_chat_template(
+                tokenizer, Path(chat_template) if chat_template is not None else None)
+        else:
+            if image_token_id is None:
+                raise ClawError(f"BASE has no tokenizer, so the id of the image token {image_token!r} is unknown")
+            self.image_token_index, self.token_added = image_token_id, False
+            self.chat_template, self.template_origin = None, "none (no tokenizer)"
+        self.image_seq_length = llava.image_token_count(vision_config, self.strategy)
+        self.connector: llava.Connector | None = None
+        self.projector_bias = True
+        self.image_processor_origin: str | None = None
+
+    def take_connector(self, path: str | Path | None, stores: Iterable[tuple[TensorStore, Iterable[str], str]],
+                       leftovers: dict[str, str], notes: list[str]) -> dict[str, str]:
+        """The connector from ``path``, else the first of ``stores`` (store, candidate keys, origin) that
+        holds one; the adapter's modules_to_save leftovers it uses are taken off ``leftovers``."""
+        given = llava.open_connector(path, self.unsafe_pickle) if path is not None else None
+        found = None
+        for store, names, origin in stores:
+            conn = llava.detect_connector(store, names, origin)
+            if conn is not None:
+                found = conn
+                break
+        if found is not None:
+            used = {found.key(role) for role in found.tensors}
+            leftovers = {p: k for p, k in leftovers.items() if k not in used}
+            if given is not None:
+                notes.append(f"{found.origin} also holds a connector ({found.key('linear_1.weight')}, ...); "
+                             f"used --connector {path} instead")
+        self.connector = given or found
+        if self.connector is None:
+            raise ClawError("--vision needs a connector: pass --connector FILE (the adapter holds none in its "
+                            "modules_to_save, and its folder no connector file)")
+        return leftovers
+
+    def gather(self, lm: dict[str, tuple[TensorStore, str]], text_config: dict, path: Path) -> GatheredStore:
+        """One store of the LLaVA's tensors under their canonical names: the language model's
+        (``lm``), the vision tower's and the connector's (read lazily, each from its own file)."""
+        llava.check_connector(self.connector, int(self.vision_config["hidden_size"]), int(text_config["hidden_size"]))
+        self.projector_bias = self.connector.bias
+        entries = dict(lm)
+        for key in self.vision.keys():
+            entries[key] = (self.vision, key)
+        for role, (store, key) in self.connector.tensors.items():
+            entries[f"connector/{role}"] = (store, key)
+        return GatheredStore(path, entries)
+
+    def config(self, text_config: dict, dtype_name: str | None):
+        text = {k: v for k, v in text_config.items()
+                if k not in ("architectures", "transformers_version", "_name_or_path")}
+        return llava.llava_config(text, self.vision_config, image_token_index=self.image_token_index,
+                                  image_seq_length=self.image_seq_length, vision_feature_layer=self.feature_layer,
+                                  strategy=self.strategy, projector_bias=self.projector_bias, dtype=dtype_name)
+
+    def write_processor(self, out: Path) -> list[str]:
+        if self.tokenizer is None:
+            return ["no processor written: BASE has no tokenizer (see the note above)"]
+        from transformers import LlavaProcessor
+
+        image_processor, origin = llava.image_processor_for(self.vision_dir, self.vision_config)
+        self.image_processor_origin = origin
+        self.tokenizer.chat_template = self.chat_template
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=self.tokenizer,
+            patch_size=int(self.vision_config.get("patch_size", 16)),
+            vision_feature_select_strategy=self.strategy, chat_template=self.chat_template,
+            image_token=self.image_token,
+            num_additional_image_tokens=llava.num_additional_tokens(self.vision_config))
+        processor.save_pretrained(str(out))
+        return [f"image processor: {origin}", f"chat template: {self.template_origin}"]
+
+    def record(self) -> dict:
+        return {"image_token": self.image_token, "image_token_index": self.image_token_index,
+                "image_token_added": self.token_added, "image_seq_length": self.image_seq_length,
+                "vision_feature_layer": self.feature_layer, "vision_feature_select_strategy": self.strategy,
+                "connector": {"origin": self.connector.origin, "layout": self.connector.layout},
+                "vision_config_model_type": self.vision_config["model_type"],
+                "chat_template": self.template_origin,
+                "image_processor": self.image_processor_origin}
