@@ -108,6 +108,16 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
                            if any(unknown[0] in f.write_options for f in all_formats().values()) else ""))
     options = SourceOptions(format=src_format, model_name=model_name,
                             model_config=Path(model_config) if model_config else None, unsafe_pickle=unsafe_pickle)
+    from .surgery.extract_part import extract_part, standalone_source
+    if src_format in (None, "hf") and standalone_source(src_path) is not None:
+        # an LLM whose files are in another framework's spelling (Qwen-1): its standalone HF class
+        if to != "hf":
+            raise ClawError(f"{src_path}: a {standalone_source(src_path).description} converts to hf only")
+        r = extract_part(src_path, dst, "text", source_name=str(src), hub_info=hub_info, dtype=_dtype(dtype),
+                         dtype_name=str(dtype), max_shard_size=max_shard_size, verify=verify, tolerance=tolerance,
+                         overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=None)
+        return ConvertResult(r.destination, standalone_source(src_path).name, "hf", r.family, r.tensors, r.bytes,
+                             r.files, r.notes, r.verification)
     ckpt = open_checkpoint(src_path, options)
     out_dtype = _dtype(dtype)
     plan, tables = plan_for(ckpt, target, out_dtype)

@@ -93,8 +93,9 @@ def register(sub) -> None:
                    help="Linear-GELU-Linear connector weights (.bin/.pt/.safetensors): nn.Sequential '0.*, 2.*', "
                         "LLaVA 'mm_projector.{0,2}.*' or HF 'multi_modal_projector.linear_{1,2}.*' "
                         "(default: the adapter's modules_to_save)")
-    g.add_argument("--image-token", default="<image>", metavar="TOKEN",
-                   help="image placeholder token, added to the tokenizer when missing (default: <image>)")
+    g.add_argument("--image-token", default=None, metavar="TOKEN",
+                   help="image placeholder token, added to the tokenizer when missing (default: <image>; for a "
+                        "Qwen-1 base <|extra_0|>, the VLM-learning tutorial's replace token)")
     g.add_argument("--vision-feature-layer", type=int, default=None, metavar="N",
                    help="vision hidden state fed to the connector (default: the adapter folder's original-LLaVA "
                         "config.json mm_vision_select_layer, else -1, the last layer)")

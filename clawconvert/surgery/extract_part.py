@@ -24,11 +24,9 @@ from ..io.readers import open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import source_fingerprint, write_manifest
 from .relayout import part_rules, plan_relayout
+from .tokenizer import TOKENIZER_FILES, base_tokenizer
 
 PARTS = {"text": "lm", "visual": "vision"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json")
 # the image processors that belong to each standalone vision class (a VLM's own, e.g.
 # Qwen2VLImageProcessor or Idefics3ImageProcessor, does not preprocess for the bare tower)
 TOWER_PROCESSORS = {"CLIPVisionModel": "CLIPImageProcessor", "SiglipVisionModel": "SiglipImageProcessor"}
@@ -45,6 +43,20 @@ def vlm_architecture(path: Path) -> Architecture | None:
         return None
     arch = architecture_for(str(model_type))
     return arch if arch is not None and arch.name != "causal_lm" else None
+
+
+def standalone_source(path: Path) -> Architecture | None:
+    """The table of a model whose language model is spelled in another framework's names
+    (Qwen-1: ``transformer.h.*``), which ``convert --to hf`` writes as its standalone HF class."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        arch = architecture_for(str(json.loads(cfg.read_text()).get("model_type")))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return arch if arch is not None and "lm" in arch.parts and arch.parts["lm"].format != "hf" \
+        and "vision" not in arch.parts else None
 
 
 def standalone_layout(part: str) -> Layout:
@@ -80,6 +92,11 @@ def extract_part(src: Path, dst: str | Path, tower: str, *, source_name: str, hu
             raise
         (tmp / "config.json").write_text(json.dumps(part_config, indent=2) + "\n")
         copied = _side_files(src, tmp, part, cls, notes)
+        if part == "lm" and not any(c in TOKENIZER_FILES for c in copied):    # a tokenizer built from the table
+            built, said = base_tokenizer(src, arch, config, lambda: tmp)
+            notes += said
+            if built is not None:
+                copied += [f for f in TOKENIZER_FILES if (tmp / f).is_file()]
         figures = verify_part(arch, src, tmp, part, cls, tolerance) if verify else None
         load = [f"from transformers import {cls}", f"model = {cls}.from_pretrained({str(dest)!r})"]
         write_manifest(tmp, {
@@ -114,9 +131,14 @@ def _side_files(src: Path, out: Path, part: str, cls: str, notes: list[str]) -> 
         elif pre.is_file():
             notes.append(f"the VLM's image processor ({kind or 'unknown type'}) prepares images for the whole "
                          f"model, not for a bare {cls}: no preprocessor_config.json written")
-    elif not any(c in TOKENIZER_FILES for c in copied):
+    elif not any(c in TOKENIZER_FILES for c in copied) and not arch_builds_tokenizer(src):
         notes.append(f"{src} has no tokenizer files; none copied")
     return copied
+
+
+def arch_builds_tokenizer(src: Path) -> bool:
+    arch = vlm_architecture(src)
+    return bool(arch and arch.tokenizer)
 
 
 def _processor_type(path: Path) -> str | None:

@@ -28,10 +28,8 @@ from .assembly import LlavaAssembly, trainer_files
 from .lora import Adapter
 from .merge import plan_merge
 from .relayout import CANONICAL, part_rules, plan_relayout
+from .tokenizer import TOKENIZER_FILES, base_tokenizer, special_token_id
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".gguf", ".h5", ".msgpack", ".onnx")
 CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
 
@@ -119,7 +117,7 @@ def _dtype_name(dtype: DType | None) -> str | None:
 
 
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connector: str | Path | None = None,
-               vision: str | Path | None = None, dtype: str = "keep", image_token: str = "<image>",
+               vision: str | Path | None = None, dtype: str = "keep", image_token: str | None = None,
                vision_feature_layer: int | None = None, vision_feature_select_strategy: str | None = None,
                chat_template: str | Path | None = None, layout: str | None = None,
                max_shard_size: str | int = "5GB", overwrite: bool = False, unsafe_pickle: bool = False,
@@ -128,7 +126,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
 
     ``layout`` names the output's key layout from its architecture table (default: the table's
     ``write`` layout, the one the most readers load).  ``vision_feature_layer`` defaults to the
-    adapter folder's LLaVA config (``mm_vision_select_layer``), else -1."""
+    adapter folder's LLaVA config (``mm_vision_select_layer``), else -1; ``image_token`` to the
+    architecture table's (Qwen-1: ``<|extra_0|>``), else ``<image>``."""
     with contextlib.ExitStack() as stack:    # holds scratch copies (a converted vision tower, a built tokenizer)
         if dtype not in CLI_DTYPES:
             raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
@@ -173,7 +172,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             notes += lm_notes
         else:
             text_config = arch.part_config("lm", base_config) if is_vlm else dict(base_config)
-        tokenizer_dir, tokenizer_notes = base_tokenizer(base_path, arch, base_config, stack, Path(out))
+        tokenizer_dir, tokenizer_notes = base_tokenizer(base_path, arch, base_config,
+                                                         lambda: _scratch_beside(Path(out), stack, "tokenizer"))
         notes += tokenizer_notes
 
         assembly, extra_rows = None, 0
@@ -181,6 +181,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             scratch = _scratch_beside(Path(out), stack, "vision") if not (vision_path / "config.json").is_file() else None
             store, vision_config = llava.vision_tower_source(vision_path, scratch, unsafe_pickle)
             layer, strategy = research.feature_selection(vision_feature_layer, vision_feature_select_strategy)
+            image_token = image_token or arch.tokenizer.get("image_token") or "<image>"
             assembly = LlavaAssembly(
                 store, vision_config, tokenizer=llava.load_tokenizer(tokenizer_dir) if tokenizer_dir else None,
                 image_token=image_token, image_token_id=special_token_id(arch, image_token), feature_layer=layer,
@@ -286,37 +287,6 @@ def _tables(arch: Architecture, base_layout, target_arch: Architecture, out_layo
             t = load_table(*part.format.split("/"))
             tables[t.name] = t
     return [{"name": t.name, "sha256": t.sha256} for t in tables.values()]
-
-
-def base_tokenizer(base: Path, arch: Architecture, config: dict, stack: contextlib.ExitStack,
-                   out: Path) -> tuple[Path | None, list[str]]:
-    """The directory holding BASE's tokenizer: BASE itself, or a fast tokenizer built (in a scratch
-    directory beside OUT) from a tiktoken file the architecture table names (Qwen-1's qwen.tiktoken)."""
-    if any((base / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
-        return base, []
-    spec = arch.tokenizer
-    if not spec:
-        return None, []
-    ranks = base / spec["tiktoken"]
-    if not ranks.is_file():
-        return None, [f"{base} has no {spec['tiktoken']}: no tokenizer written (put Qwen-1's {spec['tiktoken']}, "
-                      f"which every Qwen-1 checkpoint and the dashscope wheel ship, beside its config.json)"]
-    from .tiktoken_bpe import build
-    scratch = _scratch_beside(out, stack, "tokenizer")
-    build(ranks, spec, scratch, model_max_length=config.get("seq_length"))
-    return scratch, [f"tokenizer.json built from {spec['tiktoken']} (byte-level BPE, every token checked)"]
-
-
-def special_token_id(arch: Architecture, token: str) -> int | None:
-    """The id of a special token the architecture's tokenizer fixes (Qwen-1: <|extra_0|> is 151646)."""
-    spec = arch.tokenizer
-    if not spec:
-        return None
-    names = list(spec.get("special_tokens", []))
-    extra = spec.get("extra_tokens")
-    if extra:
-        names += [extra["format"].format(i=i) for i in range(int(extra["count"]))]
-    return int(spec["first_special_id"]) + names.index(token) if token in names else None
 
 
 class ResearchFolder:
