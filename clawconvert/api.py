@@ -88,7 +88,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
             dtype: str | DType | None = "keep", max_shard_size: str | int = "5GB",
             verify: bool = False, tolerance: float | None = None, overwrite: bool = False,
             unsafe_pickle: bool = False, progress: bool = False,
-            write_options: dict[str, Any] | None = None) -> ConvertResult:
+            write_options: dict[str, Any] | None = None, vision: str | Path | None = None) -> ConvertResult:
     """Convert a checkpoint to another format (``to``: hf, openclip, big_vision).
 
     Plans from headers, refuses before writing if anything is unmapped, missing or
@@ -108,7 +108,19 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
                            if any(unknown[0] in f.write_options for f in all_formats().values()) else ""))
     options = SourceOptions(format=src_format, model_name=model_name,
                             model_config=Path(model_config) if model_config else None, unsafe_pickle=unsafe_pickle)
-    from .surgery.extract_part import extract_part, standalone_source
+    from .surgery.extract_part import extract_part, standalone_source, vlm_architecture
+    research = vlm_architecture(src_path) if src_format in (None, "hf") else None
+    if research is not None and research.name == "llava_original":    # an original LLaVA: llava-hf
+        if to != "hf":
+            raise ClawError(f"{src_path}: an original LLaVA checkpoint converts to hf only")
+        from .surgery.merge_lora import merge_lora
+        m = merge_lora(src_path, None, dst, vision=vision, dtype=dtype if isinstance(dtype, str) else "keep",
+                       max_shard_size=max_shard_size, overwrite=overwrite, unsafe_pickle=unsafe_pickle,
+                       progress=progress)
+        return ConvertResult(m.destination, "llava_original", "hf", m.architecture, m.tensors, m.bytes, m.files,
+                             m.notes)
+    if vision is not None:
+        raise ClawError("--vision applies to original LLaVA sources only")
     if src_format in (None, "hf") and standalone_source(src_path) is not None:
         # an LLM whose files are in another framework's spelling (Qwen-1): its standalone HF class
         if to != "hf":

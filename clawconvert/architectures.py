@@ -56,9 +56,9 @@ PARTS = ("lm", "vision", "connector")
 PART_NAMES = {"lm": "language model", "vision": "vision tower", "connector": "connector"}
 _TOP_KEYS = {"architecture", "description", "model_types", "parts", "layouts", "write", "tied", "side_files",
              "part_sources", "drop", "vision_towers", "tokenizer"}
-_PART_KEYS = {"config", "standalone", "why", "format", "params"}
+_PART_KEYS = {"config", "standalone", "why", "format", "params", "optional"}
 _ROW_KEYS = {"class", "tie_word_embeddings", "tied", "conv1d", "note", "remote_code"}
-_STANDALONE_KEYS = {"class", "model_type", "from_config", "drop", "set", "config", "require", "notes"}
+_STANDALONE_KEYS = {"class", "model_type", "from_config", "by_model_type", "drop", "set", "config", "require", "notes"}
 
 
 def part_of(canonical: str) -> str:
@@ -105,6 +105,7 @@ class Part:
     why: str = ""                      # why there is no standalone model
     format: str = "hf"                 # hf, or "family/format": the family table its tensors go through
     params: dict = field(default_factory=dict)   # that table's params: name -> expression over the config
+    optional: bool = False                       # checkpoints may lack it (original LLaVA's frozen tower)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,12 @@ class Architecture:
                             f"{spec.why or 'no standalone model class'}")
         sub = self.part_config(part, config)
         row = dict(spec.standalone)
+        if "by_model_type" in row:      # original LLaVA: llava_llama holds a llama
+            mt = row["by_model_type"].get(str(config.get("model_type")))
+            if mt is None:
+                raise ClawError(f"{self.name}: no language model known for model_type '{config.get('model_type')}'")
+            sub["model_type"] = mt
+            row["from_config"] = "model_type"
         if row.get("from_config") == "model_type":
             mt = sub.get("model_type", "")
             if part == "lm":
@@ -223,6 +230,10 @@ class Architecture:
                     fresh[key] = sub[key]
             sub = fresh
         for dotted in row.get("drop", ()):
+            if dotted.endswith("*"):          # a prefix: every top-level key that starts with it
+                for key in [k for k in sub if k.startswith(dotted[:-1])]:
+                    del sub[key]
+                continue
             *path, last = dotted.split(".")
             node = sub
             for k in path:
@@ -318,7 +329,7 @@ def _validate(name: str, data: Any, raw: bytes) -> Architecture:
         if fmt != "hf" and fmt.count("/") != 1:
             raise _fail(name, f"parts.{pname}.format: write hf or FAMILY/FORMAT (a table in mappings/)")
         parts[pname] = Part(pname, spec.get("config"), alone, str(spec.get("why", "")), fmt,
-                            dict(spec.get("params") or {}))
+                            dict(spec.get("params") or {}), bool(spec.get("optional", False)))
     layouts = _layouts(name, data.get("layouts"), "layouts")
     for lay in layouts:
         missing = lay.parts() - set(parts)

@@ -9,7 +9,7 @@ from .common import add_output_options, add_source_options
 
 ORDER = 10
 
-HELP = "convert a CLIP/SigLIP checkpoint between OpenCLIP, transformers and big_vision"
+HELP = "convert a CLIP/SigLIP checkpoint between OpenCLIP, transformers and big_vision (or research code to HF)"
 DESCRIPTION = """\
 Convert SRC into the format given by --to and write it to the directory DST.
 
@@ -19,6 +19,12 @@ open_clip_model.safetensors / open_clip_pytorch_model.bin), a transformers direc
 OpenCLIP checkpoint file (.pt/.bin/.safetensors, training checkpoints with optimizer state
 and DDP `module.` prefixes included) together with --model-name or --model-config.
 SRC may also be hf-hub:org/name[@revision].
+
+Research-code checkpoints convert to their transformers form (--to hf): a Qwen-1 causal LM
+(remote-code QWenLMHeadModel) becomes Qwen2ForCausalLM; an original LLaVA 1.5 / 1.6 checkpoint
+(haotian-liu llava_llama / llava_mistral / llava_qwen) becomes llava-hf's
+LlavaForConditionalGeneration / LlavaNextForConditionalGeneration, with --vision naming its
+CLIP tower (the model mm_vision_tower names) when the checkpoint does not hold it.
 
 Nothing is written until the whole conversion has been planned from file headers: every
 source tensor must be mapped, every target tensor produced, every shape must agree with the
@@ -30,7 +36,9 @@ examples:
   clawconvert convert epoch_32.pt out/hf --to hf --model-name ViT-B-32
   clawconvert convert out/hf out/openclip --to openclip --dtype fp16
   clawconvert convert siglip_base_patch16_224.npz out/hf --to hf --verify
-  clawconvert convert out/hf out/siglip.npz --to big_vision --stacked"""
+  clawconvert convert out/hf out/siglip.npz --to big_vision --stacked
+  clawconvert convert Qwen-7B out/qwen2 --to hf
+  clawconvert convert llava-v1.5-7b out/llava-hf --to hf --vision clip-vit-large-patch14-336"""
 
 
 def register(sub) -> None:
@@ -42,6 +50,9 @@ def register(sub) -> None:
     p.add_argument("--to", required=True, metavar="FMT", help="target format: hf, openclip or big_vision")
     add_source_options(p)
     add_output_options(p)
+    p.add_argument("--vision", metavar="SRC", default=None,
+                   help="original LLaVA sources: the CLIP tower (HF directory or hf-hub:) whose config, "
+                        "preprocessing and, when the checkpoint lacks them, weights the LLaVA gets")
     p.add_argument("--stacked", nargs="?", const="img,txt", default=None, choices=["img,txt", "txt", "img"],
                    metavar="TOWER", help="--to big_vision: write the stacked (scan) layout, encoderblock/<leaf> "
                                          "with a leading depth axis, in both towers, or in one TOWER only (txt: "
@@ -67,7 +78,7 @@ def run(args) -> int:
                          model_config=args.model_config, dtype=args.dtype, max_shard_size=args.max_shard_size,
                          verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
                          unsafe_pickle=args.unsafe_pickle, progress=not args.quiet and sys.stderr.isatty(),
-                         write_options={"stacked": args.stacked})
+                         write_options={"stacked": args.stacked}, vision=args.vision)
     print(f"wrote {result.destination} ({result.target_format}, {result.family}): {result.tensors} tensors, "
           f"{result.bytes / 1e6:.1f} MB in {', '.join(result.files)}")
     for note in result.notes:

@@ -31,9 +31,15 @@ class LlavaAssembly:
 
     def __init__(self, vision: TensorStore, vision_config: dict, *, tokenizer, image_token: str,
                  image_token_id: int | None, feature_layer: int, strategy: str | None,
-                 chat_template: str | Path | None, unsafe_pickle: bool):
+                 chat_template: str | Path | None, unsafe_pickle: bool, vision_dir: Path | None = None,
+                 grid_pinpoints: list | None = None, llava_conventions: bool = False, lm_type: str = ""):
+        """``grid_pinpoints`` makes it a LLaVA-NeXT (1.6 anyres); ``llava_conventions`` follows
+        transformers' conversion of the original LLaVA checkpoints: a ``<pad>`` pad token added
+        (except for Qwen language models, which have one), the vocabulary padded to a multiple of 64."""
         self.vision, self.vision_config = vision, vision_config
-        self.vision_dir = vision.path.parent
+        self.vision_dir = vision_dir or vision.path.parent
+        self.grid_pinpoints = grid_pinpoints
+        self.pad_token_id: int | None = None
         self.unsafe_pickle = unsafe_pickle
         family_default = "default" if llava.num_additional_tokens(vision_config) else "full"
         self.strategy = strategy or family_default
@@ -42,6 +48,9 @@ class LlavaAssembly:
         self.tokenizer = tokenizer
         if tokenizer is not None:
             self.image_token_index, self.token_added = llava.add_image_token(tokenizer, image_token)
+            if llava_conventions and not lm_type.startswith("qwen"):
+                tokenizer.add_special_tokens({"pad_token": "<pad>"})
+                self.pad_token_id = tokenizer.pad_token_id
             self.chat_template, self.template_origin = llava.choose_chat_template(
                 tokenizer, Path(chat_template) if chat_template is not None else None)
         else:
@@ -50,6 +59,8 @@ class LlavaAssembly:
             self.image_token_index, self.token_added = image_token_id, False
             self.chat_template, self.template_origin = None, "none (no tokenizer)"
         self.image_seq_length = llava.image_token_count(vision_config, self.strategy)
+        rows = max(self.image_token_index + 1, len(tokenizer) if tokenizer is not None else 0)
+        self.vocab_rows = -(-rows // 64) * 64 if llava_conventions else rows
         self.connector: llava.Connector | None = None
         self.projector_bias = True
         self.image_processor_origin: str | None = None
@@ -82,11 +93,16 @@ class LlavaAssembly:
         (``lm``), the vision tower's and the connector's (read lazily, each from its own file)."""
         llava.check_connector(self.connector, int(self.vision_config["hidden_size"]), int(text_config["hidden_size"]))
         self.projector_bias = self.connector.bias
+        has_newline = "image_newline" in self.connector.tensors
+        if self.grid_pinpoints and not has_newline:
+            raise ClawError(f"{self.connector.origin}: a LLaVA-NeXT (anyres) connector needs its image_newline row, "
+                            f"which it does not hold")
         entries = dict(lm)
         for key in self.vision.keys():
             entries[key] = (self.vision, key)
         for role, (store, key) in self.connector.tensors.items():
-            entries[f"connector/{role}"] = (store, key)
+            if role != "image_newline" or self.grid_pinpoints:
+                entries[f"connector/{role}"] = (store, key)
         return GatheredStore(path, entries)
 
     def config(self, text_config: dict, dtype_name: str | None):
@@ -94,17 +110,27 @@ class LlavaAssembly:
                 if k not in ("architectures", "transformers_version", "_name_or_path")}
         return llava.llava_config(text, self.vision_config, image_token_index=self.image_token_index,
                                   image_seq_length=self.image_seq_length, vision_feature_layer=self.feature_layer,
-                                  strategy=self.strategy, projector_bias=self.projector_bias, dtype=dtype_name)
+                                  strategy=self.strategy, projector_bias=self.projector_bias, dtype=dtype_name,
+                                  grid_pinpoints=self.grid_pinpoints, pad_token_id=self.pad_token_id)
+
+    @property
+    def architecture(self) -> str:
+        return "LlavaNextForConditionalGeneration" if self.grid_pinpoints else "LlavaForConditionalGeneration"
+
+    @property
+    def table(self) -> str:
+        return "llava_next" if self.grid_pinpoints else "llava"
 
     def write_processor(self, out: Path) -> list[str]:
         if self.tokenizer is None:
             return ["no processor written: BASE has no tokenizer (see the note above)"]
-        from transformers import LlavaProcessor
-
         image_processor, origin = llava.image_processor_for(self.vision_dir, self.vision_config)
+        if self.grid_pinpoints:
+            image_processor = llava.next_image_processor(image_processor, self.grid_pinpoints)
+            origin += f", as LLaVA-NeXT's with image_grid_pinpoints {self.grid_pinpoints}"
         self.image_processor_origin = origin
         self.tokenizer.chat_template = self.chat_template
-        processor = LlavaProcessor(
+        processor = llava.processor_class(self.grid_pinpoints)(
             image_processor=image_processor, tokenizer=self.tokenizer,
             patch_size=int(self.vision_config.get("patch_size", 16)),
             vision_feature_select_strategy=self.strategy, chat_template=self.chat_template,
@@ -120,4 +146,5 @@ class LlavaAssembly:
                 "connector": {"origin": self.connector.origin, "layout": self.connector.layout},
                 "vision_config_model_type": self.vision_config["model_type"],
                 "chat_template": self.template_origin,
-                "image_processor": self.image_processor_origin}
+                "image_processor": self.image_processor_origin,
+                **({"image_grid_pinpoints": self.grid_pinpoints} if self.grid_pinpoints else {})}

@@ -21,7 +21,8 @@ from ..architectures import Layout, load_architecture
 from ..errors import ClawError
 from ..io.readers import TensorStore, open_tensors
 
-CONNECTOR_ROLES = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
+CONNECTOR_ROLES = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias",
+                   "image_newline")           # LLaVA-NeXT's row between tiles, when the file holds one
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -85,11 +86,13 @@ def detect_connector(store: TensorStore, names: Iterable[str], origin: str) -> C
     """Find exactly one Linear-GELU-Linear group among ``names``; None when there is none."""
     found: dict[tuple[str, str], dict[str, str]] = {}
     for name in names:
-        for layout in _table().part_sources["connector"]:
-            m = _connector_match(layout, name)
-            if m:
-                found.setdefault((layout.name, m[0]), {})[m[1]] = name
-                break
+        # the layout that explains the most of the name ('model.mm_projector.0.weight' is LLaVA's
+        # mm_projector, not an nn.Sequential under a 'model.mm_projector.' prefix)
+        matches = [(len(m[0]), i, lay.name, m) for i, lay in enumerate(_table().part_sources["connector"])
+                   if (m := _connector_match(lay, name))]
+        if matches:
+            _, _, layout, (prefix, role) = min(matches)
+            found.setdefault((layout, prefix), {})[role] = name
     groups = {k: v for k, v in found.items() if {"linear_1.weight", "linear_2.weight"} <= set(v)}
     if not groups:
         return None
@@ -248,20 +251,41 @@ def choose_chat_template(tokenizer, path: Path | None) -> tuple[str, str]:
 
 
 def llava_config(text_config: dict, vision_config: dict, *, image_token_index: int, image_seq_length: int,
-                 vision_feature_layer: int, strategy: str, projector_bias: bool, dtype: str | None):
-    from transformers import LlavaConfig
+                 vision_feature_layer: int, strategy: str, projector_bias: bool, dtype: str | None,
+                 grid_pinpoints: list | None = None, pad_token_id: int | None = None):
+    """``LlavaConfig``, or ``LlavaNextConfig`` with ``grid_pinpoints`` (LLaVA 1.6 anyres)."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     layers = int(vision_config.get("num_hidden_layers", 12))
     if not -(layers + 1) <= vision_feature_layer <= layers:
         raise ClawError(f"--vision-feature-layer {vision_feature_layer} is outside the vision tower's "
                         f"{layers + 1} hidden states (-{layers + 1}..{layers})")
-    config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_index=image_token_index,
-        image_seq_length=image_seq_length, projector_hidden_act="gelu",
-        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=strategy,
-        multimodal_projector_bias=projector_bias,
-        tie_word_embeddings=bool(text_config.get("tie_word_embeddings", False)))
-    config.architectures = ["LlavaForConditionalGeneration"]
+    common = dict(vision_config=vision_config, text_config=text_config, image_token_index=image_token_index,
+                  image_seq_length=image_seq_length, projector_hidden_act="gelu",
+                  vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=strategy,
+                  multimodal_projector_bias=projector_bias,
+                  tie_word_embeddings=bool(text_config.get("tie_word_embeddings", False)))
+    if grid_pinpoints:
+        config = LlavaNextConfig(**common, image_grid_pinpoints=grid_pinpoints)
+        config.architectures = ["LlavaNextForConditionalGeneration"]
+    else:
+        config = LlavaConfig(**common)
+        config.architectures = ["LlavaForConditionalGeneration"]
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
     if dtype:
         config.dtype = dtype
     return config
+
+
+def processor_class(grid_pinpoints: list | None):
+    from transformers import LlavaNextProcessor, LlavaProcessor
+    return LlavaNextProcessor if grid_pinpoints else LlavaProcessor
+
+
+def next_image_processor(base, grid_pinpoints: list):
+    """LLaVA-NeXT's image processor with the tower's own preprocessing (size, crop, mean, std)."""
+    from transformers import LlavaNextImageProcessor
+    keep = {k: getattr(base, k) for k in ("size", "crop_size", "image_mean", "image_std", "do_center_crop",
+                                         "resample") if getattr(base, k, None) is not None}
+    return LlavaNextImageProcessor(image_grid_pinpoints=grid_pinpoints, **keep)

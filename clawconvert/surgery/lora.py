@@ -166,6 +166,16 @@ class Adapter:
         self.shared: set[str] = set()           # parameter paths saved from a base layer (shared by ties)
         self._group()
 
+    @classmethod
+    def none(cls, path: str | Path) -> "Adapter":
+        """No adapter at all: a conversion through the merge machinery (original LLaVA -> llava-hf)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.config, self.raw_config = AdapterConfig(r=1, lora_alpha=1.0), None
+        self.store = TensorStore(self.path)
+        self.modules, self.full, self.shared = {}, {}, set()
+        return self
+
     def _group(self) -> None:
         parts: dict[str, dict[str, str]] = {}
         for key in self.store.keys():

@@ -19,7 +19,7 @@ from ..errors import ClawError
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, DType
-from ..io.readers import open_tensors
+from ..io.readers import GatheredStore, open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import MANIFEST, source_fingerprint, write_manifest
 from ..tables import load_table
@@ -133,7 +133,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
         out_dtype = CLI_DTYPES[dtype]
         base_path, base_hub = resolve_source(str(base))
-        adapter_path, adapter_hub = resolve_source(str(adapter))
+        adapter_path, adapter_hub = resolve_source(str(adapter)) if adapter is not None else (None, {})
         vision_path, vision_hub = resolve_source(str(vision)) if vision is not None else (None, {})
         if not base_path.is_dir():
             raise ClawError(f"{base_path}: BASE must be a Hugging Face model directory")
@@ -141,17 +141,16 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         arch, model_type, notes = _architecture(base_path, base_config)
         is_vlm = "vision" in arch.parts
         converts_lm = arch.parts["lm"].format != "hf"     # Qwen-1: written as its standalone class (Qwen2)
-        if is_vlm and (vision is not None or connector is not None):
+        research_llava = arch.name == "llava_original"    # a whole original-LLaVA checkpoint: always a LLaVA
+        takes_vision = not is_vlm or arch.parts["vision"].optional
+        if not takes_vision and (vision is not None or connector is not None):
             raise ClawError(f"{base_path}: BASE is already a vision-language model ({model_type}); --vision and "
                             f"--connector build a LLaVA from a causal LM")
-        if connector is not None and vision is None:
+        if connector is not None and vision is None and not research_llava:
             raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
-        target_arch = (load_architecture("llava") if vision is not None else
-                       load_architecture("causal_lm") if converts_lm else arch)
-        out_layout = target_arch.layout(layout) if layout else target_arch.write_layout
         tied = _effective_tie(base_path, base_config, arch, model_type)
-        adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle)
-        research = ResearchFolder(adapter_path)
+        adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle) if adapter is not None else Adapter.none(base_path)
+        research = ResearchFolder(adapter_path if adapter is not None else base_path)
         notes += research.notes()
         base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
         base_layout = arch.detect_layout(base_store.keys(), base_path)
@@ -167,7 +166,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                           conv1d=bool(arch.row(model_type).get("conv1d")), dtype=out_dtype)
         notes += _part_notes(plan.summary)
         _check_tokenizer(base_path, plan.vocab_rows)
-        if converts_lm:
+        assemble = vision is not None or research_llava
+        if converts_lm or research_llava:
             _, text_config, lm_notes = arch.standalone("lm", base_config)
             notes += lm_notes
         else:
@@ -177,22 +177,34 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
         notes += tokenizer_notes
 
         assembly, extra_rows = None, 0
-        if vision is not None:
-            scratch = _scratch_beside(Path(out), stack, "vision") if not (vision_path / "config.json").is_file() else None
-            store, vision_config = llava.vision_tower_source(vision_path, scratch, unsafe_pickle)
+        if assemble:
+            llava_cfg = base_config if research_llava else research.llava_config
+            own = {c: (plan.store, k) for k in plan.store.keys() if (c := base_layout.to_canonical(k)) is not None}
+            vision_store, vision_config, vision_dir = _vision_source(
+                vision_path, {c: e for c, e in own.items() if part_of(c) == "vision"}, llava_cfg, base_path,
+                lambda: _scratch_beside(Path(out), stack, "vision"), unsafe_pickle, notes)
             layer, strategy = research.feature_selection(vision_feature_layer, vision_feature_select_strategy)
+            if research_llava and vision_feature_layer is None:
+                layer = int(base_config.get("mm_vision_select_layer", -2))
             image_token = image_token or arch.tokenizer.get("image_token") or "<image>"
             assembly = LlavaAssembly(
-                store, vision_config, tokenizer=llava.load_tokenizer(tokenizer_dir) if tokenizer_dir else None,
+                vision_store, vision_config, tokenizer=llava.load_tokenizer(tokenizer_dir) if tokenizer_dir else None,
                 image_token=image_token, image_token_id=special_token_id(arch, image_token), feature_layer=layer,
-                strategy=strategy, chat_template=chat_template, unsafe_pickle=unsafe_pickle)
-            extra_rows = max(0, assembly.image_token_index + 1 - (plan.vocab_rows or 0))
+                strategy=strategy, chat_template=chat_template, unsafe_pickle=unsafe_pickle, vision_dir=vision_dir,
+                grid_pinpoints=_grid_pinpoints(llava_cfg, base_path), llava_conventions=bool(llava_cfg),
+                lm_type=str(text_config.get("model_type", "")))
+            extra_rows = max(0, assembly.vocab_rows - (plan.vocab_rows or 0))
             if extra_rows:
                 plan.grow_vocab(extra_rows)
+        target_arch = (load_architecture(assembly.table) if assembly is not None else
+                       load_architecture("causal_lm") if converts_lm else arch)
+        out_layout = target_arch.layout(layout) if layout else target_arch.write_layout
 
         leftovers = dict(plan.leftovers)
         if assembly is not None:
-            candidates = [(adapter_obj.store, leftovers.values(), f"{adapter_obj.path} (modules_to_save)")]
+            candidates = [(plan.store, [k for k in plan.store.keys() if part_of(base_layout.to_canonical(k) or "")
+                                        == "connector"], str(base_path))] if research_llava else []
+            candidates += [(adapter_obj.store, leftovers.values(), f"{adapter_obj.path} (modules_to_save)")]
             candidates += research.connector_stores(unsafe_pickle)
             leftovers = assembly.take_connector(connector, candidates, leftovers, notes)
         _refuse_leftovers(leftovers, base_path)
@@ -209,10 +221,11 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
 
         src_layout = CANONICAL if assembly else base_layout
         if assembly is not None:
-            lm = {c: (plan.store, k) for k in plan.store.keys() if (c := base_layout.to_canonical(k)) is not None}
+            lm = {c: (plan.store, k) for k in plan.store.keys()
+                  if part_of(c := base_layout.to_canonical(k) or "") == "lm"}
             source = assembly.gather(lm, text_config, plan.store.path)
             config = assembly.config(text_config, lm_dtype)
-            architecture = "LlavaForConditionalGeneration"
+            architecture = assembly.architecture
         else:
             source = plan.store
             config = text_config
@@ -262,8 +275,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             write_manifest(tmp, {
                 "source": {
                     "base": {"path": str(base), "fingerprint": source_fingerprint(base_path), **base_hub},
-                    "adapter": {"path": str(adapter), "fingerprint": source_fingerprint(adapter_path), **adapter_hub,
-                                "config": adapter_obj.raw_config},
+                    **({"adapter": {"path": str(adapter), "fingerprint": source_fingerprint(adapter_path),
+                                    **adapter_hub, "config": adapter_obj.raw_config}} if adapter is not None else {}),
                     **({"vision": {"path": str(vision), "fingerprint": source_fingerprint(vision_path), **vision_hub}}
                        if vision_path else {}),
                     **({"connector": {"path": str(connector), "fingerprint": source_fingerprint(Path(connector))}}
@@ -287,6 +300,44 @@ def _tables(arch: Architecture, base_layout, target_arch: Architecture, out_layo
             t = load_table(*part.format.split("/"))
             tables[t.name] = t
     return [{"name": t.name, "sha256": t.sha256} for t in tables.values()]
+
+
+def _vision_source(vision: Path | None, own: dict, llava_cfg: dict, base: Path, scratch, unsafe_pickle: bool,
+                   notes: list[str]) -> tuple:
+    """(tower tensors under canonical names, vision_config, directory of its preprocessing).
+
+    An original LLaVA checkpoint that saved its (trained) tower brings the weights; its config
+    and preprocessing still come from ``--vision``, the model ``mm_vision_tower`` names."""
+    named = llava_cfg.get("mm_vision_tower") if llava_cfg else None
+    if vision is None:
+        hint = f" (it names {named!r}: pass that model's directory or hf-hub:{named})" if named else ""
+        what = "holds its tower's weights but not its config" if own else "holds no vision tower"
+        raise ClawError(f"{base}: the checkpoint {what}; --vision gives it{hint}")
+    vdir = vision if (vision / "config.json").is_file() else None
+    store, config = llava.vision_tower_source(vision, None if vdir else scratch(), unsafe_pickle)
+    if not own:
+        return store, config, store.path.parent
+    theirs = {k: tuple(store.info(k).shape) for k in store.keys()}
+    mine = {c: tuple(s.info(k).shape) for c, (s, k) in own.items()}
+    if theirs != mine:
+        diff = sorted(set(theirs) ^ set(mine)) or [k for k in mine if mine[k] != theirs[k]]
+        raise ClawError(f"{base}: the checkpoint's vision tower does not match --vision {vision} (e.g. '{diff[0]}')")
+    notes.append(f"vision tower weights from {base} (trained with the model); config and preprocessing from {vision}")
+    return GatheredStore(base, own), config, store.path.parent
+
+
+def _grid_pinpoints(llava_cfg: dict, base: Path) -> list | None:
+    """LLaVA 1.6: ``image_aspect_ratio: anyres`` with ``spatial_unpad`` tiles is LLaVA-NeXT."""
+    if not llava_cfg or llava_cfg.get("image_aspect_ratio") != "anyres":
+        return None
+    merge = llava_cfg.get("mm_patch_merge_type", "spatial_unpad")
+    if merge != "spatial_unpad":
+        raise ClawError(f"{base}: mm_patch_merge_type '{merge}' has no transformers class "
+                        f"(LlavaNextForConditionalGeneration implements spatial_unpad)")
+    grid = llava_cfg.get("image_grid_pinpoints")
+    if not isinstance(grid, list) or not grid:
+        raise ClawError(f"{base}: image_aspect_ratio is anyres but image_grid_pinpoints is missing")
+    return grid
 
 
 class ResearchFolder:
@@ -332,8 +383,8 @@ class ResearchFolder:
 def _require_parts(arch: Architecture, layout, known: set[str], base: Path) -> None:
     """A VLM without its vision tower (or connector) is not the model its config describes."""
     have = {part_of(c) for c in known}
-    for part in arch.parts:
-        if part not in have:
+    for part, spec in arch.parts.items():
+        if part not in have and not spec.optional:
             where = ", ".join(f"'{f}'" for c, f in layout.prefixes if c.startswith(part + "/"))
             raise ClawError(f"{base}: BASE has no {part} tensors (nothing under {where}, layout {layout.name}); "
                             f"a {arch.description or arch.name} needs them")
