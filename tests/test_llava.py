@@ -263,3 +263,25 @@ def test_vision_without_connector_and_non_vision_source(vlm, tmp_path, capsys):
     torch.save(feature_proj().state_dict(), tmp_path / "fp.bin")
     line = _fails(capsys, tmp_path / "o2", base, adapter, "--vision", base, "--connector", tmp_path / "fp.bin")
     assert "is not an HF vision model a LLaVA takes" in line
+
+
+def test_verify_runs_the_classic_pipeline(vlm, tmp_path, capsys):
+    _, base, adapter, vision, proj, _ = vlm
+    out = tmp_path / "verified"
+    capsys.readouterr()
+    assert run_cli(base, adapter, out, "--vision", vision, "--connector", vlm[0] / "other_params.bin", "--verify") == 0
+    printed = capsys.readouterr().out
+    figures = json.loads((out / "clawconvert_manifest.json").read_text())["verify"]
+    assert figures["passed"] and figures["max_abs_diff"] < TOL and "classic pipeline" in figures["reference"]
+    assert "verify OK" in printed
+
+
+def test_verify_fails_and_writes_nothing_when_the_merge_is_wrong(vlm, tmp_path, monkeypatch, capsys):
+    from clawconvert.surgery import merge
+    _, base, adapter, vision, proj, _ = vlm
+    real = merge.build_tensor
+    monkeypatch.setattr(merge, "build_tensor", lambda r, b, a, o: real(r, b, a, o) * 1.01)   # a wrong merge
+    out = tmp_path / "wrong"
+    capsys.readouterr()
+    assert run_cli(base, adapter, out, "--vision", vision, "--connector", vlm[0] / "other_params.bin", "--verify") == 1
+    assert "verify FAILED" in capsys.readouterr().err and not out.exists()

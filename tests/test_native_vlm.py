@@ -59,7 +59,7 @@ def merged(request, tmp_path_factory):
     with torch.no_grad():
         ref = ref_model(**inputs).logits
     before = (tree_hash(base), tree_hash(adapter))
-    assert main(["merge-lora", str(base), str(adapter), str(out)]) == 0
+    assert main(["merge-lora", str(base), str(adapter), str(out), "--verify"]) == 0   # peft, text only
     assert (tree_hash(base), tree_hash(adapter)) == before
     return case, base, adapter, out, inputs, ref, base_logits
 
@@ -82,6 +82,7 @@ def test_merged_vlm_reproduces_unmerged_peft_with_an_image(merged):
           f"layout {manifest['merge']['layout']}")
     assert effect > 1e-2
     assert diff < TOL
+    assert manifest["verify"]["passed"] and manifest["verify"]["max_abs_diff"] < 1e-4
     for name, data in SIDE_FILES.items():
         assert (out / name).read_bytes() == data, name
     config = json.loads((out / "config.json").read_text())

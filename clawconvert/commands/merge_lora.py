@@ -110,6 +110,12 @@ def register(sub) -> None:
                         "`clawconvert inspect BASE` lists them); default: the table's write layout, the one most "
                         "readers load (e.g. llava-hf: transformers 4.x and 5.x, vLLM)")
     add_output_options(p)
+    v = p.add_argument_group("verification")
+    v.add_argument("--verify", action="store_true",
+                   help="before OUT is put in place, run it and the unmerged model (BASE + ADAPTER in peft; for "
+                        "an assembled LLaVA, vision tower -> connector -> peft LLM) on the same inputs and compare "
+                        "(fails, writing nothing, above the tolerance); remote-code sources are not run")
+    v.add_argument("--tolerance", type=float, default=None, help="max abs logit difference for --verify (1e-4)")
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="load .bin/.pt files without weights_only (runs code from the file: trusted files only)")
     add_push_option(p)
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         image_token=args.image_token, vision_feature_layer=args.vision_feature_layer,
         vision_feature_select_strategy=args.vision_feature_select_strategy, chat_template=args.chat_template,
         layout=args.layout, max_shard_size=args.max_shard_size, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle,
-        progress=not args.quiet and sys.stderr.isatty())
+        progress=not args.quiet and sys.stderr.isatty(), verify=args.verify, tolerance=args.tolerance)
     m = result.merge
     print(f"wrote {result.destination} ({result.architecture}): {result.tensors} tensors, "
           f"{result.bytes / 1e6:.1f} MB in {', '.join(result.files)}")
@@ -133,5 +139,8 @@ def run(args: argparse.Namespace) -> int:
         print(result.tie["detail"])
     for note in result.notes:
         print(f"note: {note}")
+    if result.verification:
+        from ..surgery.verify_merge import format_figures
+        print(format_figures(result.verification))
     maybe_push(args, result.destination)
     return 0

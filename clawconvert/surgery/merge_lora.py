@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 from ..architectures import Architecture, Resolver, architecture_for, known_model_types, load_architecture, part_of
-from ..errors import ClawError
+from ..errors import ClawError, VerificationFailed
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, DType
@@ -44,6 +44,7 @@ class MergeResult:
     tie: dict
     notes: list[str] = field(default_factory=list)
     merge: dict = field(default_factory=dict)
+    verification: dict | None = None
 
 
 def _read_json(path: Path) -> dict:
@@ -121,13 +122,14 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                vision_feature_layer: int | None = None, vision_feature_select_strategy: str | None = None,
                chat_template: str | Path | None = None, layout: str | None = None,
                max_shard_size: str | int = "5GB", overwrite: bool = False, unsafe_pickle: bool = False,
-               progress: bool = False) -> MergeResult:
+               progress: bool = False, verify: bool = False, tolerance: float | None = None) -> MergeResult:
     """Merge ``adapter`` into ``base`` (and assemble a LLaVA with ``vision``); see ``merge-lora --help``.
 
     ``layout`` names the output's key layout from its architecture table (default: the table's
     ``write`` layout, the one the most readers load).  ``vision_feature_layer`` defaults to the
     adapter folder's LLaVA config (``mm_vision_select_layer``), else -1; ``image_token`` to the
-    architecture table's (Qwen-1: ``<|extra_0|>``), else ``<image>``."""
+    architecture table's (Qwen-1: ``<|extra_0|>``), else ``<image>``.  ``verify`` compares the
+    output with the unmerged model before it is put in place (:mod:`.verify_merge`)."""
     with contextlib.ExitStack() as stack:    # holds scratch copies (a converted vision tower, a built tokenizer)
         if dtype not in CLI_DTYPES:
             raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
@@ -176,7 +178,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                                                          lambda: _scratch_beside(Path(out), stack, "tokenizer"))
         notes += tokenizer_notes
 
-        assembly, extra_rows = None, 0
+        assembly, extra_rows, vision_dir = None, 0, None
         if assemble:
             llava_cfg = base_config if research_llava else research.llava_config
             own = {c: (plan.store, k) for k in plan.store.keys() if (c := base_layout.to_canonical(k)) is not None}
@@ -267,6 +269,10 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                     copied = _copy_side_files(base_path, tmp)
                 if not any(f in copied for f in TOKENIZER_FILES) and tokenizer_dir is None:
                     notes.append(f"{base_path} has no tokenizer files; none copied")
+            figures = None
+            if verify:
+                figures = _verify(tmp, base_path, adapter_path, arch, assembly, vision_dir if assembly else None,
+                                  tolerance)
             merge_record = {**plan.summary, "tie": plan.tie, "extra_embedding_rows": extra_rows,
                             "copied_from_base": copied, "layout": {"base": base_layout.name, "output": out_layout.name,
                                                                    "loaded_by": out_layout.loaded_by}}
@@ -286,11 +292,27 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                 "tables": _tables(arch, base_layout, target_arch, out_layout),
                 "dtype": dtype,
                 "merge": merge_record,
+                **({"verify": figures} if figures else {}),
                 "notes": notes,
             })
+            if figures and not figures["passed"]:
+                from .verify_merge import format_figures
+                raise VerificationFailed(format_figures(figures) + "; output not written")
             dest = Path(out).absolute()
         return MergeResult(dest, architecture, len(engine_plan.targets), writer.total_size, [f.name for f in files],
-                           plan.tie, notes, merge_record)
+                           plan.tie, notes, merge_record, figures)
+
+
+def _verify(out: Path, base: Path, adapter: Path | None, arch: Architecture, assembly, vision_dir,
+            tolerance: float | None) -> dict:
+    """The output against the unmerged model in its own framework, where that framework runs here."""
+    from .verify_merge import skipped, verify_merge
+    if arch.parts["lm"].format != "hf" or arch.name == "llava_original":
+        return skipped(f"BASE is a {arch.description}: its framework is remote code, which clawconvert never "
+                       f"runs; the conversion is covered by the tests against the original code's outputs")
+    kind = "llava" if assembly is not None else ("vlm" if "vision" in arch.parts else "causal_lm")
+    return verify_merge(out, base=base, adapter=adapter, kind=kind, tolerance=tolerance, assembly=assembly,
+                        vision_dir=vision_dir)
 
 
 def _tables(arch: Architecture, base_layout, target_arch: Architecture, out_layout) -> list[dict]:
