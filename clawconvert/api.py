@@ -205,8 +205,9 @@ def inspect(path: str | Path, *, src_format: str | None = None, model_name: str 
     VLM (a model of mappings/architectures/), also its key layout, parts, tie state and side files."""
     src_path, _ = resolve(path)
     if src_format in (None, "hf"):
-        from .surgery.describe import architecture_of, describe
-        found = architecture_of(src_path)
+        from .architectures import model_architecture
+        from .surgery.describe import describe
+        found = model_architecture(src_path)
         if found is not None and not any(found[1].get("model_type") in f.hf_model_types
                                           for f in all_families().values()):
             return describe(src_path, unsafe_pickle=unsafe_pickle)

@@ -381,6 +381,23 @@ def architecture_for(model_type: str) -> Architecture | None:
     return hits[0] if hits else None
 
 
+def model_architecture(path: Path) -> tuple[Architecture, dict] | None:
+    """(table, config.json) of an HF directory whose model_type a table knows; None otherwise
+    (no config.json, one that does not parse: the caller's own reading reports that)."""
+    from .io.readers import read_json_file
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        config = read_json_file(cfg, "config.json")
+    except ClawError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    arch = architecture_for(str(config.get("model_type")))
+    return (arch, config) if arch is not None else None
+
+
 def known_model_types() -> list[str]:
     return sorted({mt for a in all_architectures().values() for mt in a.model_types})
 

@@ -7,12 +7,11 @@ the tie state, and which of the table's side files are present or missing.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..architectures import Architecture, architecture_for, part_of
+from ..architectures import model_architecture, part_of
 from ..errors import ClawError
 from ..io.readers import open_tensors
 
@@ -21,22 +20,8 @@ SUMMARY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention
                 "image_size", "patch_size", "hidden_act")
 
 
-def architecture_of(path: Path) -> tuple[Architecture, dict] | None:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        config = json.loads(cfg.read_text())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    arch = architecture_for(str(config.get("model_type")))
-    return (arch, config) if arch is not None else None
-
-
 def describe(path: Path, unsafe_pickle: bool = False) -> dict[str, Any]:
-    found = architecture_of(path)
+    found = model_architecture(path)
     if found is None:
         raise ClawError(f"{path}: no architecture table knows this model")
     arch, config = found

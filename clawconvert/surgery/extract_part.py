@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..architectures import Architecture, Layout, architecture_for
+from ..architectures import Architecture, Layout, model_architecture
 from ..errors import ClawError, VerificationFailed
 from ..io.atomic import atomic_output_dir
 from ..io.dtypes import DType
-from ..io.readers import open_tensors
+from ..io.readers import open_tensors, read_json_file
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import source_fingerprint, write_manifest
 from .relayout import part_rules, plan_relayout
@@ -33,30 +33,17 @@ TOWER_PROCESSORS = {"CLIPVisionModel": "CLIPImageProcessor", "SiglipVisionModel"
 
 
 def vlm_architecture(path: Path) -> Architecture | None:
-    """The architecture table of an HF directory that holds a VLM, else None (CLIP/SigLIP, LLMs)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return None
-    arch = architecture_for(str(model_type))
-    return arch if arch is not None and arch.name != "causal_lm" else None
+    """The architecture table of an HF directory that holds a VLM or a research-code LLM, else
+    None (CLIP/SigLIP, plain causal LMs)."""
+    found = model_architecture(path)
+    return found[0] if found is not None and found[0].name != "causal_lm" else None
 
 
 def standalone_source(path: Path) -> Architecture | None:
     """The table of a model whose language model is spelled in another framework's names
     (Qwen-1: ``transformer.h.*``), which ``convert --to hf`` writes as its standalone HF class."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        arch = architecture_for(str(json.loads(cfg.read_text()).get("model_type")))
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return None
-    return arch if arch is not None and "lm" in arch.parts and arch.parts["lm"].format != "hf" \
-        and "vision" not in arch.parts else None
+    arch = vlm_architecture(path)
+    return arch if arch is not None and arch.parts["lm"].format != "hf" and "vision" not in arch.parts else None
 
 
 def standalone_layout(part: str) -> Layout:
@@ -70,7 +57,7 @@ def extract_part(src: Path, dst: str | Path, tower: str, *, source_name: str, hu
 
     part = PARTS[tower]
     arch = vlm_architecture(src)
-    config = json.loads((src / "config.json").read_text())
+    config = read_json_file(src / "config.json", "config.json")
     cls, part_config, notes = arch.standalone(part, config)
     if part == "lm":
         part_config["tie_word_embeddings"] = bool(config.get("tie_word_embeddings",
@@ -144,7 +131,7 @@ def arch_builds_tokenizer(src: Path) -> bool:
 def _processor_type(path: Path) -> str | None:
     try:
         return str(json.loads(path.read_text()).get("image_processor_type") or "") or None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 

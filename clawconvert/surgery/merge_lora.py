@@ -19,7 +19,7 @@ from ..errors import ClawError, VerificationFailed
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, DType
-from ..io.readers import GatheredStore, open_tensors
+from ..io.readers import GatheredStore, open_tensors, read_json_file
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import MANIFEST, source_fingerprint, write_manifest
 from ..tables import load_table
@@ -374,12 +374,9 @@ class ResearchFolder:
         cfg = self.folder / "config.json"
         self.llava_config = {}
         if cfg.is_file():
-            try:
-                data = json.loads(cfg.read_text())
-                if isinstance(data, dict) and "mm_vision_select_layer" in data:
-                    self.llava_config = data
-            except (ValueError, UnicodeDecodeError):
-                pass
+            data = read_json_file(cfg, "config.json")
+            if isinstance(data, dict) and "mm_vision_select_layer" in data:
+                self.llava_config = data
 
     def notes(self) -> list[str]:
         ignored = trainer_files(self.folder)
@@ -422,7 +419,7 @@ def _check_tokenizer(base: Path, rows: int | None) -> None:
         ids = list((data.get("model") or {}).get("vocab", {}).values() if isinstance(
             (data.get("model") or {}).get("vocab"), dict) else [])
         ids += [t["id"] for t in data.get("added_tokens") or []]
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError, RecursionError):
         return          # not a tokenizers file clawconvert can read; transformers will say more
     top = max((i for i in ids if isinstance(i, int)), default=-1)
     if top >= rows:
