@@ -155,7 +155,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
 def _verify_pair(ckpt: Checkpoint, out_dir: Path, fmt: str, tolerance: float | None,
                  dtype: DType | None) -> dict[str, Any]:
     from .verify import compare, default_tolerance
-    out = get_format(fmt).open(out_dir, SourceOptions(format=fmt))
+    out = get_format(fmt).open(out_dir, get_format(fmt).output_options(ckpt))
     return compare(ckpt, out, tolerance=tolerance if tolerance is not None else default_tolerance(dtype))
 
 
