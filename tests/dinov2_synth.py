@@ -42,7 +42,8 @@ def _fill(params, seed: int) -> None:
 def timm_model(variant: str, depth: int = 1, seed: int = 0, **kw):
     import timm
     arch = VARIANTS[variant][0]
-    model = timm.create_model(arch, pretrained=False, depth=depth, img_size=IMAGE, num_classes=0, **kw)
+    model = timm.create_model(arch, pretrained=False, depth=depth, img_size=IMAGE, num_classes=0, weight_init="skip",
+                              **kw)
     _fill(model.named_parameters(), seed)
     return model.eval()
 

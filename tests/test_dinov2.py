@@ -60,6 +60,11 @@ def _same_tensors(a: dict, b: dict) -> None:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+def _verify(variant: str) -> bool:
+    """--verify runs both frameworks once more: the giant shapes (113 MB a layer) check it in one direction only."""
+    return not variant.startswith("g")
+
+
 @pytest.mark.parametrize("variant", list(synth.VARIANTS))
 def test_timm_to_hf_to_timm(variant, tmp_path):
     src = synth.timm_dir(variant, tmp_path / "timm")
@@ -70,8 +75,8 @@ def test_timm_to_hf_to_timm(variant, tmp_path):
     x = _pixels()
     with torch.no_grad():
         _close(hf(pixel_values=x).last_hidden_state, ref.forward_features(x))
-    back = clawconvert.convert(tmp_path / "hf", tmp_path / "timm2", to="timm", verify=True)
-    assert back.verification["passed"]
+    back = clawconvert.convert(tmp_path / "hf", tmp_path / "timm2", to="timm", verify=_verify(variant))
+    assert back.verification is None or back.verification["passed"]
     _same_tensors(load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "timm2" / "model.safetensors")))
     with torch.no_grad():
         assert torch.equal(_timm(tmp_path / "timm2").forward_features(x), ref.forward_features(x))
@@ -84,13 +89,13 @@ def test_original_to_hf_to_original(variant, tmp_path):
     src = synth.original_file(variant, tmp_path / "dinov2.pth")
     state = torch.load(src, weights_only=True)
     ref = synth.timm_from_original(variant, state)   # timm reads the torch-hub file its own way
-    r = clawconvert.convert(src, tmp_path / "hf", to="hf", src_format="original", verify=True)
-    assert r.verification["passed"] and r.verification["max_abs_diff"] <= TOL
+    r = clawconvert.convert(src, tmp_path / "hf", to="hf", src_format="original", verify=_verify(variant))
+    assert r.verification is None or (r.verification["passed"] and r.verification["max_abs_diff"] <= TOL)
     hf = _hf(tmp_path / "hf")
     x = _pixels()
     with torch.no_grad():
         _close(hf(pixel_values=x).last_hidden_state, ref.forward_features(x))
-    clawconvert.convert(tmp_path / "hf", tmp_path / "back.pth", to="original", verify=True)
+    clawconvert.convert(tmp_path / "hf", tmp_path / "back.pth", to="original", verify=not _verify(variant))
     _same_tensors(state, torch.load(tmp_path / "back.pth", weights_only=True, mmap=True))
     clawconvert.convert(tmp_path / "hf", tmp_path / "back.safetensors", to="original")
     _same_tensors(state, load_file(str(tmp_path / "back.safetensors")))
@@ -99,7 +104,7 @@ def test_original_to_hf_to_original(variant, tmp_path):
 def test_hf_output_has_the_hub_spelling_and_5x_spelling_reads(tmp_path):
     """Written: the keys transformers' own save_pretrained writes (4.x / the Hub's spelling).
     Read: also the 5.x spelling (save_original_format=False)."""
-    src = synth.timm_dir("g-reg4", tmp_path / "timm", seed=3)
+    src = synth.timm_dir("g-reg4", tmp_path / "timm", seed=3, embed_dim=64, num_heads=1, mlp_ratio=5.5)
     clawconvert.convert(src, tmp_path / "hf", to="hf")
     hf = _hf(tmp_path / "hf")
     ours = set(load_file(str(tmp_path / "hf" / "model.safetensors")))
