@@ -45,7 +45,8 @@ def dinov2_dirs(tmp_path_factory) -> dict[str, Path]:
     timm_dir = synth.timm_dir("g-reg4", root / "timm", embed_dim=64, num_heads=1, mlp_ratio=5.5)
     clawconvert.convert(timm_dir, root / "hf", to="hf")
     clawconvert.convert(root / "hf", root / "orig.safetensors", to="original")
-    return {"{timm}": timm_dir, "{dhf}": root / "hf", "{orig}": root / "orig.safetensors"}
+    pth = synth.original_file("S", root / "dinov2_vits14.pth")     # torch.save's own file
+    return {"{timm}": timm_dir, "{dhf}": root / "hf", "{orig}": root / "orig.safetensors", "{pth}": pth}
 
 
 def run_clean(argv: list[str]) -> tuple[int, list[str]]:
@@ -69,14 +70,15 @@ def run_clean(argv: list[str]) -> tuple[int, list[str]]:
     ["convert", "{dhf}", "{out}/timm", "--to", "timm"],
     ["convert", "{dhf}", "{out}/dinov2.pth", "--to", "original"],
     ["convert", "{orig}", "{out}/hf", "--to", "hf"],
+    ["convert", "{pth}", "{out}/hf", "--to", "hf", "--from", "original"],
     ["extract-visual", "{timm}", "{out}/v", "--to", "hf"],
 ], ids=["openclip-hf", "openclip-hf-bf16", "bigvision-hf", "bigvision-openclip", "naflex-hf",
         "extract-visual", "extract-text", "inspect", "dinov2-timm-hf", "dinov2-hf-timm", "dinov2-hf-pth",
-        "dinov2-original-hf", "dinov2-extract-visual"])
+        "dinov2-original-hf", "dinov2-pth-hf", "dinov2-extract-visual"])
 def test_command_imports_no_framework(argv, tmp_path, request):
     if "{b16}" in argv:  # open_clip builds SigLIP towers from timm names: a real shape is needed
         argv = [request.getfixturevalue("b16_npz") if a == "{b16}" else a for a in argv]
-    if any(str(a).startswith(("{timm}", "{dhf}", "{orig}")) for a in argv):
+    if any(str(a).startswith(("{timm}", "{dhf}", "{orig}", "{pth}")) for a in argv):
         dirs = request.getfixturevalue("dinov2_dirs")
         argv = [dirs.get(str(a), a) for a in argv]
     code, imported = run_clean([str(a).replace("{out}", str(tmp_path)) for a in argv])

@@ -1,8 +1,10 @@
 """A model's original training-code layout as one file: facebookresearch torch-hub state dicts.
 
 ``dinov2_vits14_pretrain.pth`` and its kin: a bare ``state_dict`` of the research code's module
-names, no config.  Sources are read from a ``.pth`` / ``.pt`` (``torch.load`` with
-``weights_only=True``, as every pickle here) or a ``.safetensors`` with the same keys; the
+names, no config.  Sources are read from a ``.pth`` / ``.pt`` (a plain ``torch.save`` zip without
+torch, from its pickle and zip directory, tensors read on demand: :func:`clawconvert.io.torchzip.
+open_state_dict`; anything else through ``torch.load(weights_only=True)`` as every pickle here) or
+a ``.safetensors`` with the same keys; the
 family reads the architecture from the shapes and checks ``--model-name`` (a torch-hub entry
 point such as ``dinov2_vits14``) or ``--model-config`` (the model's keyword arguments as JSON)
 against them.  A ``.safetensors`` file is recognised by its keys; a pickle is never opened to
@@ -63,7 +65,11 @@ class OriginalFormat(Format):
     def open(self, path: Path, options: SourceOptions) -> Checkpoint:
         if not path.is_file():
             raise ClawError(f"{path}: an original-layout checkpoint is one file (.pth, .pt or .safetensors)")
-        store = open_tensors(path, unsafe_pickle=options.unsafe_pickle)
+        if path.suffix.lower() in PICKLES:   # a plain torch.save zip is read without torch, headers first
+            from ..io.torchzip import open_state_dict
+            store = open_state_dict(path, unsafe_pickle=options.unsafe_pickle)
+        else:
+            store = open_tensors(path, unsafe_pickle=options.unsafe_pickle)
         family = next((f for f in _families() if all(k in store for k in SENTINELS)), None)
         if family is None:
             foreign = next((what for key, what in FOREIGN.items() if key in store), None)

@@ -136,3 +136,164 @@ class TorchZipWriter:
             self._zip.close()
         except (OSError, ValueError):
             pass
+
+
+# ------------------------------------------------------------------------------------
+# reading: the same format, without torch and without unpickling anything but data
+# ------------------------------------------------------------------------------------
+class NotPlain(Exception):
+    """The file is not a plain zip-format state dict this reader takes (the caller falls back to
+    ``torch.load(weights_only=True)``, which has the last word on anything else)."""
+
+
+_STORAGE_DTYPES = {cls: name for name, cls in STORAGES.items()}
+
+
+class _Storage:
+    def __init__(self, dtype: str, key: str, numel: int):
+        self.dtype, self.key, self.numel = dtype, key, numel
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, offset: int, shape: tuple, stride: tuple):
+        self.storage, self.offset, self.shape, self.stride = storage, int(offset), tuple(shape), tuple(stride)
+
+
+class _StateDict(dict):
+    """collections.OrderedDict stand-in (takes the ``_metadata`` attribute torch.save stores)."""
+
+
+def _rebuild_tensor(storage, offset, shape, stride, *_):
+    if not isinstance(storage, _Storage):
+        raise NotPlain("a tensor whose storage is not a plain storage")
+    return _Tensor(storage, offset, shape, stride)
+
+
+def _rebuild_parameter(data, *_):
+    return data
+
+
+class _Unpickler:
+    """A pickle reader that builds only dicts, lists, tuples, numbers, strings and tensor stand-ins:
+    every global it meets must be one of four names, or it stops (NotPlain) without calling anything."""
+
+    ALLOWED = {("collections", "OrderedDict"): _StateDict, ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+               ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
+
+    def __init__(self, data: bytes):
+        import io
+        import pickle
+
+        outer = self
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "torch" and name in _STORAGE_DTYPES:
+                    return ("storage-class", _STORAGE_DTYPES[name])
+                if (module, name) in outer.ALLOWED:
+                    return outer.ALLOWED[(module, name)]
+                raise NotPlain(f"{module}.{name}")
+
+            def persistent_load(self, pid):
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                        and isinstance(pid[1], tuple) and pid[1][0] == "storage-class"):
+                    raise NotPlain("an unknown persistent id")
+                return _Storage(pid[1][1], str(pid[2]), int(pid[4]))
+
+        self._u = Restricted(io.BytesIO(data))
+
+    def load(self):
+        import pickle
+        try:
+            return self._u.load()
+        except NotPlain:
+            raise
+        except (pickle.UnpicklingError, TypeError, ValueError, AttributeError, EOFError, IndexError, KeyError) as e:
+            raise NotPlain(str(e)) from e
+
+
+def _data_offset(f, info: zipfile.ZipInfo) -> int:
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise NotPlain(f"member {info.filename} has no local header")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def read_state_dict_index(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """``{name: (dtype name, shape, file offset, nbytes)}`` of a contiguous zip-format state dict,
+    read from its pickle and zip directory only; NotPlain for anything else."""
+    path = Path(path)
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise NotPlain(str(e)) from e
+    with z, open(path, "rb") as f:
+        names = z.namelist()
+        pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            raise NotPlain("no single data.pkl")
+        prefix = pkl[0][: -len("data.pkl")]
+        info = z.getinfo(pkl[0])
+        if info.file_size > 64 << 20:
+            raise NotPlain("a pickle of more than 64 MB")
+        order = z.read(f"{prefix}byteorder").decode().strip() if f"{prefix}byteorder" in names else "little"
+        if order != "little":
+            raise NotPlain("big-endian storages")
+        obj = _Unpickler(z.read(pkl[0])).load()
+        if not isinstance(obj, dict) or not obj or not all(isinstance(v, _Tensor) for v in obj.values()):
+            raise NotPlain("not a flat dict of tensors")
+        out = {}
+        for name, t in obj.items():
+            member = f"{prefix}data/{t.storage.key}"
+            if member not in names:
+                raise NotPlain(f"no storage record {member}")
+            zinfo = z.getinfo(member)
+            if zinfo.compress_type != zipfile.ZIP_STORED:
+                raise NotPlain("a compressed storage")
+            dtype = dtype_of(t.storage.dtype)
+            numel = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
+            contiguous_strides = tuple(int(np.prod(t.shape[i + 1:], dtype=np.int64)) for i in range(len(t.shape)))
+            if numel and t.stride != contiguous_strides:
+                raise NotPlain(f"tensor '{name}' is not contiguous")
+            if (t.offset + numel) * dtype.itemsize > zinfo.file_size or t.storage.numel * dtype.itemsize != zinfo.file_size:
+                raise NotPlain(f"tensor '{name}' does not fit its storage")
+            out[str(name)] = (dtype.name, t.shape, _data_offset(f, zinfo) + t.offset * dtype.itemsize,
+                              numel * dtype.itemsize)
+        return out
+
+
+def open_state_dict(path: Path, unsafe_pickle: bool = False):
+    """A plain ``torch.save`` state dict read without torch (headers only, data on demand), or,
+    for anything else (legacy pickles, wrapped training checkpoints, foreign objects), the
+    ``torch.load(weights_only=True)`` store every other pickle source uses."""
+    from .readers import TensorInfo, TensorStore, TorchPickleStore, read_span, require_file, strip_common_prefix
+
+    require_file(Path(path), "torch checkpoint")
+    try:
+        index = read_state_dict_index(path)
+    except NotPlain:
+        return TorchPickleStore(path, unsafe_pickle=unsafe_pickle)
+
+    class TorchZipStore(TensorStore):
+        def __init__(self):
+            super().__init__(path)
+            self._where = {}
+            for name, (dtype, shape, offset, nbytes) in index.items():
+                self._infos[name] = TensorInfo(name, shape, dtype_of(dtype), Path(path))
+                self._where[name] = (Path(path), offset, nbytes)
+            self.rename(strip_common_prefix(list(self._infos)))
+
+        def _read(self, name, info):
+            file, offset, nbytes = self._where[name]
+            with open(file, "rb", buffering=0) as f:
+                buf = read_span(f.fileno(), offset, nbytes)
+            if buf is None:
+                raise ClawError(f"{file}: truncated while reading '{name}'")
+            return buf.view(info.dtype.np).reshape(info.shape)
+
+        def byte_range(self, name):
+            return self._where[self._file_names.get(name, name)]
+
+    return TorchZipStore()
