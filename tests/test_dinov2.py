@@ -232,25 +232,28 @@ def test_hub_names_build_what_timm_builds_for_the_torch_hub_files():
 
 
 def test_facebookresearch_code_reads_the_original_output(tmp_path):
-    """facebookresearch's own DinoVisionTransformer (PyPI `dinov2`, pre-registers; optional:
-    pip install --no-deps dinov2==0.0.1.dev2) loads what clawconvert writes, strictly."""
+    """facebookresearch's own DinoVisionTransformer (PyPI `dinov2`, the pre-register code; optional:
+    pip install --no-deps dinov2==0.0.1.dev2) loads the .pth clawconvert writes, strictly, and
+    computes what transformers computes on the converted model."""
     vt = pytest.importorskip("dinov2.models.vision_transformer")
     from functools import partial
     from dinov2.layers import MemEffAttention, NestedTensorBlock
-    for variant in ("S", "g"):
-        src = synth.timm_dir(variant, tmp_path / variant)
-        clawconvert.convert(src, tmp_path / f"{variant}.pth", to="original")
-        kw = FAM.codec("original").write(clawconvert.formats.open_checkpoint(src).config)
+    for variant in ("S", "B", "L", "g"):
+        src = synth.original_file(variant, tmp_path / f"{variant}.pth")
+        clawconvert.convert(src, tmp_path / variant, to="hf", src_format="original")
+        clawconvert.convert(tmp_path / variant, tmp_path / f"{variant}-back.pth", to="original")
+        kw = FAM.codec("original").write(clawconvert.formats.open_checkpoint(tmp_path / variant).config)
         model = vt.DinoVisionTransformer(**{k: v for k, v in kw.items() if k not in ("num_register_tokens",
                                                                                     "interpolate_antialias",
                                                                                     "interpolate_offset")},
-                                         block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention))
-        model.load_state_dict(torch.load(tmp_path / f"{variant}.pth", weights_only=True), strict=True)
+                                         block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention)).eval()
+        model.load_state_dict(torch.load(tmp_path / f"{variant}-back.pth", weights_only=True), strict=True)
         x = _pixels()
         with torch.no_grad():
             out = model.forward_features(x)
-            ff = _timm(src).forward_features(x)
-        _close(torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1), ff)
+            hf = _hf(tmp_path / variant)(pixel_values=x).last_hidden_state
+        diff = _close(torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1), hf)
+        print(f"facebookresearch DinoVisionTransformer vs transformers, {variant}: max |diff| {diff:.2g}")
 
 
 def test_inspect_and_verify_commands(tmp_path, cli):

@@ -50,6 +50,7 @@ class Format:
     weights_name: str = "model"          # basename of the weights file(s) it writes
     writes_file: bool = False            # the output is one file (big_vision .npz), not a directory
     write_options: tuple[str, ...] = ()  # extra keyword arguments its writer() takes (e.g. "stacked")
+    file_hint: str = ""                  # how to name this format for a pickle file detection cannot open
 
     def detect(self, path: Path) -> bool:
         """True when ``path`` is a model of this format (files or sentinel keys)."""

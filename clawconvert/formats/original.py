@@ -40,6 +40,7 @@ class OriginalFormat(Format):
     name = "original"
     description = "the research code's own state dict file, e.g. facebookresearch dinov2_vits14_pretrain.pth"
     writes_file = True
+    file_hint = "a DINOv2 torch-hub state dict takes --model-name dinov2_vits14 (or another hub name) or --from original"
 
     def detect(self, path: Path) -> bool:
         if not path.is_file() or path.suffix.lower() != ".safetensors":
