@@ -178,7 +178,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
 def _verify_pair(ckpt: Checkpoint, out_dir: Path, fmt: str, tolerance: float | None,
                  dtype: DType | None) -> dict[str, Any]:
     from .verify import compare, default_tolerance
-    out = get_format(fmt).open(out_dir, SourceOptions(format=fmt))
+    out = get_format(fmt).open(out_dir, get_format(fmt).output_options(ckpt))
     return compare(ckpt, out, tolerance=tolerance if tolerance is not None else default_tolerance(dtype))
 
 
@@ -221,12 +221,14 @@ def inspect(path: str | Path, *, src_format: str | None = None, model_name: str 
         dtypes[name] = dtypes.get(name, 0) + 1
     cfg = ckpt.config.to_dict()
     summary = {k: cfg.get(k) for k in ("model_type", "projection_dim") if k in cfg}
-    for tower in ("vision_config", "text_config"):
-        t = cfg.get(tower) or {}
-        summary[tower] = {k: t.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                 "intermediate_size", "hidden_act", "layer_norm_eps", "image_size",
-                                                 "patch_size", "vocab_size", "max_position_embeddings",
-                                                 "eos_token_id", "pad_token_id") if k in t}
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "mlp_ratio",
+            "use_swiglu_ffn", "num_register_tokens", "hidden_act", "layer_norm_eps", "image_size", "patch_size",
+            "vocab_size", "max_position_embeddings", "eos_token_id", "pad_token_id")
+    towers = [t for t in ("vision_config", "text_config") if isinstance(cfg.get(t), dict)]
+    for tower in towers:
+        summary[tower] = {k: cfg[tower][k] for k in keys if k in cfg[tower]}
+    if not towers:   # a one-tower model (DINOv2): its config is flat
+        summary.update({k: cfg[k] for k in keys if k in cfg})
     return {
         "path": str(src_path), "format": ckpt.format, "family": ckpt.family.name,
         "tensors": len(infos), "parameters": sum(i.numel for i in infos.values()),

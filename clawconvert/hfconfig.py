@@ -51,16 +51,46 @@ _SIGLIP_VISION = {
     "attention_dropout": ("num", 0.0), "vision_use_head": ("bool", True),
 }
 _SIGLIP2_VISION = {**{k: v for k, v in _SIGLIP_VISION.items() if k != "image_size"}, "num_patches": ("int", 256)}
+# DINOv2: no intermediate_size (the MLP width is int(hidden_size * mlp_ratio), mlp_ratio an int);
+# the backbone fields (stage names, out features / indices) follow num_hidden_layers (_backbone_stages)
+_DINOV2_COMMON = {
+    "hidden_size": ("int", 768), "num_hidden_layers": ("int", 12), "num_attention_heads": ("int", 12),
+    "mlp_ratio": ("int", 4), "hidden_act": ("str", "gelu"), "hidden_dropout_prob": ("num", 0.0),
+    "attention_probs_dropout_prob": ("num", 0.0), "initializer_range": ("float", 0.02),
+    "layer_norm_eps": ("float", 1e-6), "image_size": ("size", 224), "patch_size": ("size", 14),
+    "num_channels": ("int", 3), "qkv_bias": ("bool", True), "layerscale_value": ("float", 1.0),
+    "drop_path_rate": ("num", 0.0), "use_swiglu_ffn": ("bool", False), "apply_layernorm": ("bool", True),
+    "reshape_hidden_states": ("bool", True),
+    "stage_names": ("list?", None), "out_features": ("list?", None), "out_indices": ("list?", None),
+}
+_DINOV2 = {**_DINOV2_COMMON, "use_mask_token": ("bool", True)}
+_DINOV2_REG = {**_DINOV2_COMMON, "patch_size": ("size", 16), "num_register_tokens": ("int", 4)}
+
+
+def _backbone_stages(values: dict[str, Any]) -> None:
+    """What transformers' BackboneConfigMixin sets when they are not given: one stage per layer,
+    the last one out."""
+    n = values["num_hidden_layers"]
+    if values.get("stage_names") is None:
+        values["stage_names"] = ["stem"] + [f"stage{i}" for i in range(1, n + 1)]
+    if values.get("out_features") is None and values.get("out_indices") is None:
+        values["out_features"], values["out_indices"] = [values["stage_names"][-1]], [len(values["stage_names"]) - 1]
+    elif values.get("out_features") is None:
+        values["out_features"] = [values["stage_names"][i] for i in values["out_indices"]]
+    elif values.get("out_indices") is None:
+        values["out_indices"] = [values["stage_names"].index(f) for f in values["out_features"]]
 
 
 class Schema:
     def __init__(self, model_type: str, cls: str, fields: dict[str, tuple[str, Any]],
-                 subs: dict[str, str] | None = None, heads_divide: bool = False) -> None:
+                 subs: dict[str, str] | None = None, heads_divide: bool = False,
+                 derive: Any = None) -> None:
         self.model_type = model_type
         self.cls = cls                      # the transformers class name
         self.fields = fields
         self.subs = subs or {}              # attribute -> sub-config model_type
         self.heads_divide = heads_divide    # transformers validates hidden_size % num_attention_heads == 0
+        self.derive = derive                # fills fields whose default depends on others (backbone stages)
 
 
 SCHEMAS: dict[str, Schema] = {s.model_type: s for s in [
@@ -77,6 +107,8 @@ SCHEMAS: dict[str, Schema] = {s.model_type: s for s in [
            {"text_config": "siglip2_text_model", "vision_config": "siglip2_vision_model"}),
     Schema("siglip2_text_model", "Siglip2TextConfig", _SIGLIP_TEXT),
     Schema("siglip2_vision_model", "Siglip2VisionConfig", _SIGLIP2_VISION),
+    Schema("dinov2", "Dinov2Config", _DINOV2, derive=_backbone_stages),
+    Schema("dinov2_with_registers", "Dinov2WithRegistersConfig", _DINOV2_REG, derive=_backbone_stages),
 ]}
 
 # keys transformers rewrites on save rather than carrying over
@@ -95,6 +127,7 @@ _CHECKS = {
     "bool": lambda v: isinstance(v, bool),
     "size": lambda v: _is_int(v) or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)),
     "ids": lambda v: _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)),
+    "list": lambda v: isinstance(v, (list, tuple)),
 }
 
 
@@ -166,7 +199,8 @@ class HFConfig:
 def _field_error(model_type: str, key: str, kind: str, value: Any) -> ValueError:
     shown = json.dumps(value, default=str)[:60]
     want = {"int": "an integer", "float": "a float", "num": "a number", "str": "a string", "bool": "true or false",
-            "size": "an integer or a list of integers", "ids": "an integer or a list of integers"}[kind.rstrip("?")]
+            "size": "an integer or a list of integers", "ids": "an integer or a list of integers",
+            "list": "a list"}[kind.rstrip("?")]
     return ValueError(f"{model_type}: field '{key}' must be {want}{' or null' if kind.endswith('?') else ''} "
                       f"(got {shown})")
 
@@ -206,6 +240,8 @@ def from_dict(model_type: str, data: dict[str, Any] | None) -> HFConfig:
         if values[key] is None:
             values[key] = values[source]
     values.update(data)   # keys transformers does not know travel along, as transformers keeps them
+    if schema.derive is not None:
+        schema.derive(values)
     if schema.heads_divide and values["hidden_size"] % values["num_attention_heads"]:
         raise ValueError(f"{model_type}: hidden_size {values['hidden_size']} is not a multiple of "
                          f"num_attention_heads {values['num_attention_heads']}")

@@ -19,6 +19,12 @@ table spelling             load (format -> canonical)                 save (inve
 ``constant: [{eye: N},     no format tensor -> fixed canonical          check the tensor IS
   {zeros: [S...]}]``       tensors (a format that has no text head:     that constant, store
                            the canonical form is an identity Linear)    nothing
+``absent: {zeros: [S...]}`` no format tensor -> the framework's initial  store nothing, whatever
+                           value (timm has no DINOv2 mask token)        it holds (the family
+                                                                        says so in a note)
+``fold: {dim: D}``         [a', b'] -> [a, b]: a = a', b = [-0.0; b']   a' = a + b[0], b' = b[1:]
+                           (timm register models fold the class         (exact in function; see
+                           position into the class token)               :class:`Fold`)
 =========================  =========================================  =====================
 
 Shapes and sizes may be expressions over the family's named dimensions (``D``,
@@ -36,7 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import ClawError
-from .io.dtypes import copy_into
+from .io.dtypes import cast, copy_into, dtype_of, float32
 
 Shape = tuple[int, ...]
 
@@ -352,6 +358,83 @@ class Constant(Op):
         return []
 
 
+class Absent(Constant):
+    """A canonical tensor the format has no place for and the framework's forward never reads
+    (DINOv2's ``mask_token``: only masked-image-modelling training uses it; timm's ViT has none).
+
+    ``load`` gives the framework's own initial value; ``save`` stores nothing, whatever the
+    tensor holds.  This is the one op that can drop information, so a family that uses it says
+    so in :meth:`~clawconvert.families.Family.target_notes` when the value was not the default.
+    """
+
+    name = "absent"
+
+    def __init__(self, spec: Any, dims: dict[str, int], parts: int):
+        super().__init__(spec, dims, parts)
+        if any(kind != "zeros" for kind, _ in self.consts):
+            raise ClawError("absent: write {zeros: [shape]}")
+
+    def save(self, ys):
+        for y, (_, shape) in zip(ys, self.consts):
+            if tuple(y.shape) != shape:
+                raise ClawError(f"absent: expected a tensor of shape {shape}, got {tuple(y.shape)}")
+        return []
+
+
+class Fold(Op):
+    """The format adds the first entry of ``b`` (along ``dim``) into ``a`` and stores ``b`` without it.
+
+    timm's DINOv2 register models (``no_embed_class``) store ``cls_token + pos_embed[:, 0]`` as
+    their class token and only the patch positions: the class token and its position are always
+    added together, so the sum is all a forward pass needs.  ``load`` gives ``a = a'`` and
+    ``b = [-0.0; b']``; ``save`` gives ``a' = a + b[0]`` (half types computed in float32 and rounded
+    once, as torch's own addition is) and ``b' = b[1:]``.
+
+    * format -> canonical -> format is exact bit for bit: ``x + (-0.0) == x`` for every x, the
+      negative zero included (a positive zero would turn ``-0.0`` into ``+0.0``);
+    * canonical -> format -> canonical is exact in function only: how the sum was split between
+      ``a`` and ``b[0]`` is not stored, so the class position comes back as ``-0.0`` and the class
+      token as the rounded sum; every forward pass (which computes that same sum) is unchanged.
+    """
+
+    name = "fold"
+    arity_in = 2
+    arity_out = 2
+
+    def __init__(self, spec: Any):
+        spec = spec if isinstance(spec, dict) else {"dim": spec}
+        if set(spec) - {"dim"}:
+            raise ClawError("fold: write {dim: D}")
+        self.dim = int(spec.get("dim", 1))
+
+    def _check(self, a, b, extra: int) -> None:
+        d = self.dim
+        if a.ndim != b.ndim or a.ndim <= d or a.shape[d] != 1 or a.shape[:d] + a.shape[d + 1:] != b.shape[:d] + b.shape[d + 1:]:
+            raise ClawError(f"fold: shapes {tuple(a.shape)} and {tuple(b.shape)} do not fold along axis {d}")
+        if b.shape[d] < extra:
+            raise ClawError(f"fold: axis {d} of {tuple(b.shape)} is empty")
+
+    def load(self, xs):
+        a, b = xs
+        self._check(a, b, 0)
+        if isinstance(a, _Standin):
+            return [a, _Standin(b.shape[:self.dim] + (b.shape[self.dim] + 1,) + b.shape[self.dim + 1:])]
+        first = np.full(a.shape, -0.0, dtype=b.dtype)
+        return [a, np.concatenate([first, b], axis=self.dim)]
+
+    def save(self, ys):
+        a, b = ys
+        self._check(a, b, 1)
+        d = self.dim
+        if isinstance(a, _Standin):
+            return [a, _Standin(b.shape[:d] + (b.shape[d] - 1,) + b.shape[d + 1:])]
+        head = b[(slice(None),) * d + (slice(0, 1),)]
+        rest = b[(slice(None),) * d + (slice(1, None),)]
+        wide = a.dtype if a.dtype.itemsize >= 4 else float32.np    # half types add in float32, as torch does
+        total = cast(a.astype(wide) + head.astype(wide), dtype_of(a.dtype))
+        return [total, rest]
+
+
 @dataclass
 class Chain:
     """Ops applied in order on load, in reverse order (each inverted) on save."""
@@ -417,6 +500,8 @@ OPS: dict[str, Callable[[Any, dict[str, int], int, int], Op]] = {
     "split": lambda a, d, nf, nc: Split(a, d, nc),
     "concat": lambda a, d, nf, nc: Concat(a, d, nf),
     "constant": lambda a, d, nf, nc: Constant(a, d, nc),
+    "absent": lambda a, d, nf, nc: Absent(a, d, nc),
+    "fold": lambda a, d, nf, nc: Fold(a),
 }
 
 

@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,6 +33,8 @@ class Runner:
     image: Callable[[torch.Tensor], torch.Tensor] | None
     text: Callable[[torch.Tensor], torch.Tensor] | None
     logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    # image-only families (DINOv2): named outputs of the pixels, compared under these names
+    outputs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -168,9 +170,10 @@ def compare(a: Checkpoint, b: Checkpoint, tolerance: float = 1e-4, seed: int = 0
 
     runners = []
     for ck in (a, b):
-        if ck.format not in RUNNERS:
+        own = ck.family.runner(ck)   # a family whose forward passes are not CLIP's brings its own
+        if own is None and ck.format not in RUNNERS:
             raise ClawError(f"{ck.path}: no framework runner for {ck.format} checkpoints; verify against a converted copy")
-        runners.append(RUNNERS[ck.format](ck))
+        runners.append(own if own is not None else RUNNERS[ck.format](ck))
     ra, rb = runners
     make_inputs = getattr(a.family, "sample_inputs", None) or sample_inputs  # NaFlex: patches, not images
     pixels, ids = make_inputs(a.config, seed=seed)
@@ -185,14 +188,22 @@ def compare(a: Checkpoint, b: Checkpoint, tolerance: float = 1e-4, seed: int = 0
             if x.shape != y.shape:
                 raise VerificationFailed(f"{what}: shapes differ ({tuple(x.shape)} vs {tuple(y.shape)})")
             figures[what] = float((x - y).abs().max())
-    worst = max(figures.get(k, 0.0) for k in ("image_embeds", "text_embeds", "logits_per_image"))
+        for what in [k for k in ra.outputs if k in rb.outputs]:
+            x, y = ra.outputs[what](pixels).float(), rb.outputs[what](pixels).float()
+            if x.shape != y.shape:
+                raise VerificationFailed(f"{what}: shapes differ ({tuple(x.shape)} vs {tuple(y.shape)})")
+            figures.setdefault("outputs", []).append(what)
+            figures[what] = float((x - y).abs().max())
+    worst = max(figures.get(k, 0.0) for k in ("image_embeds", "text_embeds", "logits_per_image",
+                                               *figures.get("outputs", [])))
     figures["max_abs_diff"] = worst
     figures["passed"] = worst <= tolerance
     return figures
 
 
 def format_figures(f: dict[str, Any]) -> str:
-    parts = [f"{k} {f[k]:.3g}" for k in ("image_embeds", "text_embeds", "logits_per_image") if k in f]
+    parts = [f"{k} {f[k]:.3g}" for k in ("image_embeds", "text_embeds", "logits_per_image", *f.get("outputs", []))
+             if k in f]
     verdict = "OK" if f["passed"] else "FAILED"
     return f"verify {verdict}: max |diff| {', '.join(parts)} (tolerance {f['tolerance']:g}; {f['a']} vs {f['b']})"
 

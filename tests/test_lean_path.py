@@ -35,6 +35,20 @@ def b16_npz(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def dinov2_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny timm DINOv2 (registers, SwiGLU) saved by timm, and its HF and original forms."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dinov2_synth as synth
+    import clawconvert
+    root = tmp_path_factory.mktemp("dinov2")
+    timm_dir = synth.timm_dir("g-reg4", root / "timm", embed_dim=64, num_heads=1, mlp_ratio=5.5)
+    clawconvert.convert(timm_dir, root / "hf", to="hf")
+    clawconvert.convert(root / "hf", root / "orig.safetensors", to="original")
+    pth = synth.original_file("S", root / "dinov2_vits14.pth")     # torch.save's own file
+    return {"{timm}": timm_dir, "{dhf}": root / "hf", "{orig}": root / "orig.safetensors", "{pth}": pth}
+
+
 def run_clean(argv: list[str]) -> tuple[int, list[str]]:
     res = subprocess.run([sys.executable, "-c", RUN, json.dumps([str(a) for a in argv])],
                          capture_output=True, text=True, cwd=ROOT)
@@ -52,11 +66,21 @@ def run_clean(argv: list[str]) -> tuple[int, list[str]]:
     ["extract-visual", FIX / "openclip_tiny", "{out}/v", "--to", "hf"],
     ["extract-text", FIX / "openclip_tiny", "{out}/t", "--to", "openclip"],
     ["inspect", FIX / "openclip_tiny"],
+    ["convert", "{timm}", "{out}/hf", "--to", "hf"],
+    ["convert", "{dhf}", "{out}/timm", "--to", "timm"],
+    ["convert", "{dhf}", "{out}/dinov2.pth", "--to", "original"],
+    ["convert", "{orig}", "{out}/hf", "--to", "hf"],
+    ["convert", "{pth}", "{out}/hf", "--to", "hf", "--from", "original"],
+    ["extract-visual", "{timm}", "{out}/v", "--to", "hf"],
 ], ids=["openclip-hf", "openclip-hf-bf16", "bigvision-hf", "bigvision-openclip", "naflex-hf",
-        "extract-visual", "extract-text", "inspect"])
+        "extract-visual", "extract-text", "inspect", "dinov2-timm-hf", "dinov2-hf-timm", "dinov2-hf-pth",
+        "dinov2-original-hf", "dinov2-pth-hf", "dinov2-extract-visual"])
 def test_command_imports_no_framework(argv, tmp_path, request):
     if "{b16}" in argv:  # open_clip builds SigLIP towers from timm names: a real shape is needed
         argv = [request.getfixturevalue("b16_npz") if a == "{b16}" else a for a in argv]
+    if any(str(a).startswith(("{timm}", "{dhf}", "{orig}", "{pth}")) for a in argv):
+        dirs = request.getfixturevalue("dinov2_dirs")
+        argv = [dirs.get(str(a), a) for a in argv]
     code, imported = run_clean([str(a).replace("{out}", str(tmp_path)) for a in argv])
     assert code == 0
     assert imported == [], f"the conversion path imported {imported}"

@@ -99,7 +99,42 @@ def test_unknown_op_and_wrong_arity_are_refused():
 
 
 def test_vocabulary_is_closed_and_all_ops_tested():
-    assert set(OPS) == {"transpose", "permute", "reshape", "squeeze", "unsqueeze", "split", "concat", "constant"}
+    assert set(OPS) == {"transpose", "permute", "reshape", "squeeze", "unsqueeze", "split", "concat", "constant",
+                        "absent", "fold"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_absent_makes_zeros_and_stores_nothing_whatever_it_holds(dtype):
+    chain = build_chain({"absent": {"zeros": [1, "D"]}}, {"D": 4}, 0, 1)
+    (m,) = (as_torch(t) for t in chain.load([]))
+    assert torch.equal(m, torch.zeros(1, 4)) and chain.load_shapes([]) == [(1, 4)]
+    assert chain.save([as_numpy(torch.randn(1, 4).to(dtype))]) == []   # the family notes the loss
+    with pytest.raises(ClawError, match="shape"):
+        chain.save([as_numpy(torch.zeros(2, 4))])
+    with pytest.raises(ClawError, match="zeros"):
+        build_chain({"absent": {"eye": 3}}, {}, 0, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 6), d=st.integers(1, 5), dtype=st.sampled_from(DTYPES))
+def test_property_fold_roundtrip_from_the_format_is_bit_exact(n, d, dtype):
+    cls = torch.randn(1, 1, d).to(dtype)
+    cls[0, 0, 0] = -0.0          # x + (-0.0) keeps every x, the negative zero included
+    cls_c, pos_c = roundtrip({"fold": {"dim": 1}}, [cls, torch.randn(1, n, d).to(dtype)], 2)
+    assert pos_c.shape == (1, n + 1, d) and torch.equal(cls_c, cls)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_from_the_canonical_side_is_exact_in_function(dtype):
+    """torch computes the same class-token input (cls + its position) from both forms."""
+    chain = build_chain({"fold": {"dim": 1}}, {}, 2, 2)
+    cls, pos = torch.randn(1, 1, 8).to(dtype), torch.randn(1, 5, 8).to(dtype)
+    f_cls, f_pos = (as_torch(t) for t in chain.save([as_numpy(cls), as_numpy(pos)]))
+    assert torch.equal(f_cls, cls + pos[:, :1]) and torch.equal(f_pos, pos[:, 1:])
+    c_cls, c_pos = (as_torch(t) for t in chain.load([as_numpy(f_cls), as_numpy(f_pos)]))
+    assert torch.equal(c_cls + c_pos[:, :1], cls + pos[:, :1]) and torch.equal(c_pos[:, 1:], pos[:, 1:])
+    with pytest.raises(ClawError, match="fold"):
+        chain.save_shapes([(1, 2, 8), (1, 5, 8)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

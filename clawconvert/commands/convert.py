@@ -9,15 +9,20 @@ from .common import add_output_options, add_source_options
 
 ORDER = 10
 
-HELP = "convert a CLIP/SigLIP checkpoint between OpenCLIP, transformers and big_vision (or research code to HF)"
+HELP = ("convert a CLIP/SigLIP/DINOv2 checkpoint between OpenCLIP, transformers, big_vision, timm and torch hub "
+        "(or research code to HF)")
 DESCRIPTION = """\
 Convert SRC into the format given by --to and write it to the directory DST.
 
 SRC is detected automatically: an OpenCLIP directory (open_clip_config.json +
 open_clip_model.safetensors / open_clip_pytorch_model.bin), a transformers directory
-(config.json + model.safetensors, sharded or not), a big_vision .npz file, or an
+(config.json + model.safetensors, sharded or not), a big_vision .npz file, a timm
+directory (config.json with `architecture`, as timm's save_for_hf writes it), or an
 OpenCLIP checkpoint file (.pt/.bin/.safetensors, training checkpoints with optimizer state
 and DDP `module.` prefixes included) together with --model-name or --model-config.
+A DINOv2 torch-hub state dict (dinov2_vits14_pretrain.pth ...) takes --model-name with its
+hub name, --model-config, or --from original; written with --to original (DST.pth or
+DST.safetensors).
 SRC may also be hf-hub:org/name[@revision].
 
 Research-code checkpoints convert to their transformers form (--to hf): a Qwen-1 causal LM
@@ -37,6 +42,9 @@ examples:
   clawconvert convert out/hf out/openclip --to openclip --dtype fp16
   clawconvert convert siglip_base_patch16_224.npz out/hf --to hf --verify
   clawconvert convert out/hf out/siglip.npz --to big_vision --stacked
+  clawconvert convert dinov2_vitb14_reg4_pretrain.pth out/hf --to hf --model-name dinov2_vitb14_reg --verify
+  clawconvert convert out/hf out/dinov2-timm --to timm --verify
+  clawconvert convert out/dinov2-timm out/dinov2_vitb14_reg.pth --to original
   clawconvert convert Qwen-7B out/qwen2 --to hf
   clawconvert convert llava-v1.5-7b out/llava-hf --to hf --vision clip-vit-large-patch14-336"""
 
@@ -45,9 +53,10 @@ def register(sub) -> None:
     p = sub.add_parser("convert", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="source checkpoint (directory, file, or hf-hub:org/name)")
-    p.add_argument("dst", metavar="DST", help="output directory, or a .npz file for --to big_vision "
+    p.add_argument("dst", metavar="DST", help="output directory, or a .npz file for --to big_vision, a .pth or "
+                                              ".safetensors file for --to original "
                                               "(must not exist unless --overwrite)")
-    p.add_argument("--to", required=True, metavar="FMT", help="target format: hf, openclip or big_vision")
+    p.add_argument("--to", required=True, metavar="FMT", help="target format: hf, openclip, big_vision, timm or original")
     add_source_options(p)
     add_output_options(p)
     p.add_argument("--vision", metavar="SRC", default=None,

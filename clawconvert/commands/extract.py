@@ -25,7 +25,12 @@ outputs (--to):
             timm.create_model(...) line that loads it. Without --with-projection the
             model has no head (num_classes=0); with it, the head is the projection.
   openclip  the tower's OpenCLIP tensors (visual.*) with open_clip_config.json; built
-            with open_clip's own tower builder (the command prints the lines).""",
+            with open_clip's own tower builder (the command prints the lines).
+
+A DINOv2 model (hf, timm or torch-hub original) is one image tower: extract-visual
+converts it whole (hf: Dinov2Model / Dinov2WithRegistersModel; timm: its
+vit_*_dinov2 architecture, loadable with timm.create_model("local-dir:DST")), and
+--verify compares the output with the source, each in its own framework.""",
         examples="""\
 examples:
   clawconvert extract-visual fixtures/openclip_tiny out/vision --verify

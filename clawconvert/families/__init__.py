@@ -47,6 +47,7 @@ class FormatCodec:
     read: Callable[..., Any]
     write: Callable[..., Any]
     claims: Callable[..., bool] = lambda *a, **k: False
+    params: Callable[..., dict] = lambda *a, **k: {}    # table params the format's config implies
 
 
 class Family:
@@ -57,6 +58,7 @@ class Family:
     # tower -> canonical key prefixes: the tower's body first, then its projection (if separate)
     towers: dict[str, tuple[str, ...]] = {}
     timm_architectures: str = ""             # timm.list_models() glob of the image towers timm.yaml writes
+    whole_model_tower: str | None = None     # a single-tower family (DINOv2): extracting it is converting
 
     def __init__(self) -> None:
         self.codecs: dict[str, FormatCodec] = {}
@@ -111,6 +113,11 @@ class Family:
     def target_notes(self, ckpt: Any, target: str) -> list[str]:
         """What a conversion of ``ckpt`` to ``target`` changes that the user should know."""
         return []
+
+    def runner(self, ckpt: Any) -> Any:
+        """A :class:`~clawconvert.verify.Runner` for ``ckpt`` when this family's forward passes are
+        not CLIP's (image / text / logits); None: the format's own runner."""
+        return None
 
     def expected_drift(self, ckpt: Any, target: str) -> float:
         """How far ``--verify`` may find the outputs apart when the target framework computes

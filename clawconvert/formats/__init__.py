@@ -24,7 +24,7 @@ class SourceOptions:
 
     format: str | None = None            # --from
     model_name: str | None = None        # --model-name (OpenCLIP built-in config)
-    model_config: Path | None = None     # --model-config (OpenCLIP model config JSON)
+    model_config: Path | dict | None = None   # --model-config (a model config JSON; a dict from the API)
     unsafe_pickle: bool = False
 
 
@@ -50,10 +50,16 @@ class Format:
     weights_name: str = "model"          # basename of the weights file(s) it writes
     writes_file: bool = False            # the output is one file (big_vision .npz), not a directory
     write_options: tuple[str, ...] = ()  # extra keyword arguments its writer() takes (e.g. "stacked")
+    file_hint: str = ""                  # how to name this format for a pickle file detection cannot open
 
     def detect(self, path: Path) -> bool:
         """True when ``path`` is a model of this format (files or sentinel keys)."""
         raise NotImplementedError
+
+    def named_by(self, options: SourceOptions) -> bool:
+        """True when the user's options alone say the source is in this format (``--model-name
+        dinov2_vits14``: a pickle that detection never opens); checked before detection."""
+        return False
 
     def open(self, path: Path, options: SourceOptions) -> Checkpoint:
         raise NotImplementedError
@@ -61,6 +67,10 @@ class Format:
     def table_params(self, family: Family, config: Any) -> dict[str, Any]:
         """Extra table params this format needs when it is the target."""
         return {}
+
+    def output_options(self, source: Checkpoint) -> SourceOptions:
+        """How to open what this format wrote from ``source`` (a file with no config says it here)."""
+        return SourceOptions(format=self.name)
 
     def write_side_files(self, out_dir: Path, family: Family, config: Any, extras: Extras) -> list[str]:
         """Write config/preprocessing/tokenizer files; return notes for the user."""
@@ -100,7 +110,8 @@ def open_checkpoint(path: str | Path, options: SourceOptions | None = None) -> C
     path = Path(path)
     if not path.exists():
         raise ClawError(f"{path}: no such file or directory")
-    fmt = get_format(options.format) if options.format else detect_format(path)
+    named = [f for f in all_formats().values() if f.named_by(options)] if not options.format else []
+    fmt = get_format(options.format) if options.format else named[0] if len(named) == 1 else detect_format(path)
     ckpt = fmt.open(path, options)
     ckpt.family.refine(ckpt)
     return ckpt

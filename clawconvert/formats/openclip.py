@@ -113,8 +113,10 @@ class OpenClipFormat(Format):
                 cfg_path = f"open_clip model config '{options.model_name}'"
                 model_cfg, preprocess = builtin_model_config(options.model_name), {}
             else:
+                from . import all_formats
+                hints = "".join(f"; {f.file_hint}" for f in all_formats().values() if f.file_hint)
                 raise ClawError(f"{path}: an OpenCLIP checkpoint file carries no config; pass --model-name NAME "
-                                f"(a built-in open_clip config such as ViT-B-32) or --model-config FILE")
+                                f"(a built-in open_clip config such as ViT-B-32) or --model-config FILE{hints}")
             store = open_tensors(path, unsafe_pickle=options.unsafe_pickle)
         try:
             family = family_claiming(self.name, model_cfg)

@@ -87,6 +87,10 @@ def extract(src: str | Path, dst: str | Path, tower: str = "visual", to: str = "
                             model_config=Path(model_config) if model_config else None, unsafe_pickle=unsafe_pickle)
     ckpt = open_checkpoint(src_path, options)
     family, config = ckpt.family, ckpt.config
+    if family.whole_model_tower == tower:   # the model is this one tower (DINOv2): extracting it is converting it
+        return _extract_whole(ckpt, src, dst, tower, to, with_projection=with_projection, model_name=model_name,
+                              model_config=model_config, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
+                              tolerance=tolerance, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
     notes: list[str] = []
     if to == "openclip" and not with_projection and len(family.towers.get(tower, ())) > 1:
         with_projection = True
@@ -147,6 +151,23 @@ def extract(src: str | Path, dst: str | Path, tower: str = "visual", to: str = "
             raise VerificationFailed(format_figures(figures) + "; output not written")
     return ExtractResult(dest, tower, to, family.name, cls_name, n, sum(_nbytes(s, d) for _, s, d in writer_plan),
                          [f.name for f in files], load, notes, figures)
+
+
+def _extract_whole(ckpt: Checkpoint, src, dst, tower: str, to: str, *, with_projection: bool, **kw) -> ExtractResult:
+    """A single-tower family: ``convert`` to ``to``; ``verify`` compares it with the source, each in its framework."""
+    from ..api import convert
+    res = convert(src, dst, to, src_format=ckpt.format, **kw)
+    notes = res.notes + ([f"the {ckpt.family.name} model has no projection; --with-projection changes nothing"]
+                         if with_projection else [])
+    dest = res.destination
+    if to == "hf":
+        cls = ckpt.family.hf_architecture(ckpt.config)
+        load = [f"from transformers import {cls}", f"model = {cls}.from_pretrained({str(dest)!r})"]
+    else:
+        cls = json.loads((dest / "config.json").read_text()).get("architecture", to) if to == "timm" else to
+        load = ["import timm", f"model = timm.create_model('local-dir:{dest}', pretrained=True)"] if to == "timm" else []
+    return ExtractResult(dest, tower, to, ckpt.family.name, cls, res.tensors, res.bytes, res.files, load, notes,
+                         res.verification)
 
 
 # ------------------------------------------------------------------------------------
@@ -382,6 +403,9 @@ def verify_tower(ckpt: Checkpoint, options: SourceOptions, out: Path, tower: str
 
 
 def format_figures(f: dict[str, Any]) -> str:
+    if "bit_exact" not in f:   # a whole-model tower: the conversion's figures
+        from ..verify import format_figures as conversion_figures
+        return conversion_figures(f)
     verdict = "OK" if f["passed"] else "FAILED"
     how = "bit-exact" if f["bit_exact"] else f"max |diff| {f['max_abs_diff']:.3g} (tolerance {f['tolerance']:g})"
     line = f"verify {verdict}: {f['tower']} vs {f['reference']}: {how}"

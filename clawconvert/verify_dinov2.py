@@ -1,0 +1,81 @@
+"""DINOv2 forward passes in each layout's own framework, for ``--verify`` and ``clawconvert verify``.
+
+* ``hf``: transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (``from_pretrained``, no
+  missing or unexpected keys): ``last_hidden_state`` and ``pooler_output``;
+* ``timm``: ``timm.create_model("local-dir:DIR", pretrained=True)`` (timm's strict load):
+  ``forward_features`` (the same tokens, normed: class, registers, patches) and its class token;
+* ``original``: facebookresearch's state dict loaded into timm's DINOv2 ViT through timm's own
+  reader of the torch-hub checkpoints (``checkpoint_filter_fn``: fused qkv kept, w12/w3 renamed,
+  the class position folded for register models), strictly.  facebookresearch's code is not a
+  dependency; timm's reader is the framework path the original files are loaded through.
+
+No mapping table is involved in any of them: each runs the file as its framework reads it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import VerificationFailed
+from .verify import Runner, quiet
+
+
+def _hf(ckpt) -> Runner:
+    cls = ckpt.family.hf_model_class(ckpt.config)
+    with quiet():
+        model, info = cls.from_pretrained(str(ckpt.path), output_loading_info=True, dtype=torch.float32)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise VerificationFailed(f"{ckpt.path}: transformers {cls.__name__} reports "
+                                 + "; ".join(f"{k}: {', '.join(map(str, v))[:200]}" for k, v in bad.items()))
+    model.eval()
+    return Runner(f"transformers {cls.__name__}", None, None, None,
+                  outputs={"last_hidden_state": lambda x: model(pixel_values=x).last_hidden_state,
+                           "pooler_output": lambda x: model(pixel_values=x).pooler_output})
+
+
+def _timm_outputs(model) -> dict:
+    return {"last_hidden_state": model.forward_features,
+            "pooler_output": lambda x: model.forward_head(model.forward_features(x), pre_logits=True)}
+
+
+def _timm(ckpt) -> Runner:
+    import timm
+    try:
+        with quiet():
+            model = timm.create_model(f"local-dir:{Path(ckpt.path).absolute()}", pretrained=True)
+    except Exception as e:   # timm raises RuntimeError on a strict-load mismatch
+        raise VerificationFailed(f"{ckpt.path}: timm cannot load it: {str(e).splitlines()[0][:300]}") from e
+    model.eval().float()
+    return Runner(f"timm {model.default_cfg.get('architecture', type(model).__name__)}", None, None, None,
+                  outputs=_timm_outputs(model))
+
+
+def _original(ckpt) -> Runner:
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from .io.dtypes import as_torch
+    cfg = ckpt.family.codec("timm").write(ckpt.config)
+    with quiet():
+        model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=0, **cfg.get("model_args", {}))
+    state = {k: as_torch(ckpt.store.read(k)).clone() for k in ckpt.store.keys()}
+    try:
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    except Exception as e:
+        raise VerificationFailed(f"{ckpt.path}: timm's reader of the original checkpoints cannot load it: "
+                                 f"{str(e).splitlines()[0][:300]}") from e
+    model.eval().float()
+    return Runner(f"timm {cfg['architecture']} via its reader of torch-hub checkpoints", None, None, None,
+                  outputs=_timm_outputs(model))
+
+
+RUNNERS = {"hf": _hf, "timm": _timm, "original": _original}
+
+
+def runner(ckpt) -> Runner:
+    if ckpt.format not in RUNNERS:
+        from .errors import ClawError
+        raise ClawError(f"{ckpt.path}: no framework runner for DINOv2 {ckpt.format} checkpoints")
+    return RUNNERS[ckpt.format](ckpt)
