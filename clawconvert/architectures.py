@@ -344,9 +344,10 @@ def _validate(name: str, data: Any, raw: bytes) -> Architecture:
     sources = {p: _layouts(name, spec, f"part_sources.{p}") for p, spec in (data.get("part_sources") or {}).items()}
     towers = data.get("vision_towers") or {}
     for mt, row in towers.items():
-        if not isinstance(row, dict) or set(row) != {"tower", "class", "prefix_tokens"} \
-                or not isinstance(row["prefix_tokens"], int):
-            raise _fail(name, f"vision_towers.{mt}: needs exactly {{tower: MODEL_TYPE, class: NAME, prefix_tokens: N}}")
+        if not isinstance(row, dict) or not {"tower", "class", "prefix_tokens"} <= set(row) <= \
+                {"tower", "class", "prefix_tokens", "write"}:
+            raise _fail(name, f"vision_towers.{mt}: needs {{tower: MODEL_TYPE, class: NAME, prefix_tokens: N}} "
+                              f"(and optionally write: LAYOUT)")
     return Architecture(vision_towers=towers, tokenizer=dict(data.get("tokenizer") or {}), name=name, description=str(data.get("description", "")), model_types=rows, parts=parts,
                         layouts=layouts, write=write, tied=tuple(tied) if tied else None,
                         side_files=tuple(data.get("side_files") or ()), part_sources=sources,

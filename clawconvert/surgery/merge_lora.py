@@ -200,7 +200,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                 plan.grow_vocab(extra_rows)
         target_arch = (load_architecture(assembly.table) if assembly is not None else
                        load_architecture("causal_lm") if converts_lm else arch)
-        out_layout = target_arch.layout(layout) if layout else target_arch.write_layout
+        out_layout = target_arch.layout(layout or (assembly and llava.tower_layout(assembly.vision_config))
+                                         or target_arch.write)
 
         leftovers = dict(plan.leftovers)
         if assembly is not None:

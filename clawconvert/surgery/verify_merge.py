@@ -84,8 +84,8 @@ def _verify_llava(out: Path, base: Path, adapter: Path | None, assembly, vision_
     merged = _load(llava_cls, out)
     lm = _peft(_load(transformers.AutoModelForCausalLM, base), adapter)
     vcfg = assembly.vision_config
-    tower_cls = getattr(transformers, {"clip_vision_model": "CLIPVisionModel",
-                                       "siglip_vision_model": "SiglipVisionModel"}[vcfg["model_type"]])
+    from . import llava
+    tower_cls = getattr(transformers, llava.vision_towers()[vcfg["model_type"]]["class"])
     tower = _load(tower_cls, vision_dir)
     conn = assembly.connector
     first, second = conn.shape("linear_1.weight"), conn.shape("linear_2.weight")
