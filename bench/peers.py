@@ -272,13 +272,13 @@ def bigvision_to_openclip(npz: str, dst: str) -> None:
 
 # -- LoRA merge (PEFT) ----------------------------------------------------------------------
 @torch.no_grad()
-def merge_peft(base: str, adapter: str, dst: str) -> None:
+def merge_peft(base: str, adapter: str, dst: str, auto: str = "AutoModelForCausalLM") -> None:
     import warnings
 
+    import transformers
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    model = getattr(transformers, auto).from_pretrained(base, dtype="auto")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(model, adapter)
@@ -286,19 +286,8 @@ def merge_peft(base: str, adapter: str, dst: str) -> None:
     merged.save_pretrained(dst)
 
 
-@torch.no_grad()
 def merge_peft_vlm(base: str, adapter: str, dst: str) -> None:
-    import warnings
-
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(model, adapter)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(dst)
+    merge_peft(base, adapter, dst, auto="AutoModelForImageTextToText")
 
 
 # -- vision tower extraction ------------------------------------------------------------------

@@ -46,11 +46,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
 from .errors import ClawError
 from .ops import Chain
-from .tables import ExpandedTable, Rule, Table, mappings_root
+from .tables import ExpandedTable, Rule, Table, mappings_root, read_yaml
 
 PARTS = ("lm", "vision", "connector")
 PART_NAMES = {"lm": "language model", "vision": "vision tower", "connector": "connector"}
@@ -361,13 +359,7 @@ def _root() -> Path:
 @lru_cache(maxsize=None)
 def load_architecture(name: str) -> Architecture:
     path = _root() / f"{name}.yaml"
-    if not path.is_file():
-        raise ClawError(f"no architecture table '{name}' ({path} missing)")
-    raw = path.read_bytes()
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise _fail(name, f"invalid YAML ({e})") from e
+    data, raw = read_yaml(path, f"architecture table {name}", f"no architecture table '{name}' ({path} missing)")
     return _validate(name, data, raw)
 
 

@@ -230,18 +230,23 @@ def _validate(name: str, data: Any) -> None:
         raise ClawError(f"mapping table {name}: 'drop' must be a list")
 
 
+def read_yaml(path: Path, what: str, missing: str) -> tuple[Any, bytes]:
+    """(data, raw bytes) of a table file; ``missing`` is the message when there is none."""
+    if not path.is_file():
+        raise ClawError(missing)
+    raw = path.read_bytes()
+    try:
+        return yaml.safe_load(raw), raw
+    except yaml.YAMLError as e:
+        raise ClawError(f"{what}: invalid YAML ({e})") from e
+
+
 @lru_cache(maxsize=None)
 def load_table(family: str, fmt: str) -> Table:
     """Load and validate ``mappings/<family>/<fmt>.yaml``."""
     path = mappings_root() / family / f"{fmt}.yaml"
     name = f"{family}/{fmt}"
-    if not path.is_file():
-        raise ClawError(f"no mapping table for {fmt} in family {family} ({path} missing)")
-    raw = path.read_bytes()
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ClawError(f"mapping table {name}: invalid YAML ({e})") from e
+    data, raw = read_yaml(path, f"mapping table {name}", f"no mapping table for {fmt} in family {family} ({path} missing)")
     _validate(name, data)
     if data["format"] != fmt or data["family"] != family:
         raise ClawError(f"mapping table {name}: declares format/family {data['format']}/{data['family']}")

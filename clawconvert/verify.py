@@ -62,17 +62,23 @@ def quiet():
         logging.disable(previous)
 
 
-def hf_runner(ckpt: Checkpoint) -> Runner:
+def load_strict(cls, path: Path):
+    """``cls.from_pretrained(path)`` in float32, eval mode, refusing missing, unexpected or
+    mismatched keys (a model that loads with any of those is not the model that was written)."""
     import torch
 
-    cls = ckpt.family.hf_model_class(ckpt.config)
     with quiet():
-        model, info = cls.from_pretrained(str(ckpt.path), output_loading_info=True, dtype=torch.float32)
+        model, info = cls.from_pretrained(str(path), output_loading_info=True, dtype=torch.float32)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
-        raise VerificationFailed(f"{ckpt.path}: transformers {cls.__name__} reports "
+        raise VerificationFailed(f"{path}: transformers {cls.__name__} reports "
                                  + "; ".join(f"{k}: {', '.join(map(str, v))[:200]}" for k, v in bad.items()))
-    model.eval()
+    return model.eval()
+
+
+def hf_runner(ckpt: Checkpoint) -> Runner:
+    cls = ckpt.family.hf_model_class(ckpt.config)
+    model = load_strict(cls, ckpt.path)
     return Runner(f"transformers {cls.__name__}",
                   image=lambda x: _features(model.get_image_features(**_pixels(x))),
                   text=lambda ids: _features(model.get_text_features(input_ids=ids)),

@@ -18,18 +18,12 @@ from pathlib import Path
 import torch
 
 from .errors import VerificationFailed
-from .verify import Runner, quiet
+from .verify import Runner, load_strict, quiet
 
 
 def _hf(ckpt) -> Runner:
     cls = ckpt.family.hf_model_class(ckpt.config)
-    with quiet():
-        model, info = cls.from_pretrained(str(ckpt.path), output_loading_info=True, dtype=torch.float32)
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        raise VerificationFailed(f"{ckpt.path}: transformers {cls.__name__} reports "
-                                 + "; ".join(f"{k}: {', '.join(map(str, v))[:200]}" for k, v in bad.items()))
-    model.eval()
+    model = load_strict(cls, ckpt.path)
     return Runner(f"transformers {cls.__name__}", None, None, None,
                   outputs={"last_hidden_state": lambda x: model(pixel_values=x).last_hidden_state,
                            "pooler_output": lambda x: model(pixel_values=x).pooler_output})

@@ -280,16 +280,8 @@ Fn = Callable[[Any], Any]  # torch tensor -> torch tensor
 
 
 def _hf_load(cls: type, path: Path):
-    import torch
-
-    from ..verify import quiet
-    with quiet():
-        model, info = cls.from_pretrained(str(path), output_loading_info=True, dtype=torch.float32)
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        raise VerificationFailed(f"{path}: transformers {cls.__name__} reports "
-                                 + "; ".join(f"{k}: {', '.join(map(str, v))[:200]}" for k, v in bad.items()))
-    return model.eval()
+    from ..verify import load_strict
+    return load_strict(cls, path)
 
 
 def _input_name(tower: str) -> str:

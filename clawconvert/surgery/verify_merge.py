@@ -22,16 +22,8 @@ from ..errors import VerificationFailed
 
 
 def _load(cls, path: Path):
-    import torch
-
-    from ..verify import quiet
-    with quiet():
-        model, info = cls.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        raise VerificationFailed(f"{path}: transformers {cls.__name__} reports "
-                                 + "; ".join(f"{k}: {', '.join(map(str, v[:5]))}" for k, v in bad.items()))
-    return model.eval()
+    from ..verify import load_strict
+    return load_strict(cls, path)
 
 
 def _peft(model, adapter: Path | None):
