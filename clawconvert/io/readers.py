@@ -345,20 +345,13 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-class SafetensorsStore(TensorStore):
-    """One ``.safetensors`` file, or several (sharded), read with plain file reads."""
+class SpanStore(TensorStore):
+    """Tensors stored as plain little-endian byte runs: ``_where[name] = (file, offset, nbytes)``
+    (safetensors files, torch.save zips), read with plain file reads and copied as bytes."""
 
-    def __init__(self, path: Path, files: list[Path] | None = None):
+    def __init__(self, path: Path):
         super().__init__(path)
         self._where: dict[str, tuple[Path, int, int]] = {}
-        for file in files if files is not None else [Path(path)]:
-            data_start, entries, metadata = read_safetensors_header(file)
-            self.metadata.update({str(k): str(v) for k, v in metadata.items()})
-            for name, (shape, dtype, begin, end) in entries.items():
-                if name in self._infos:
-                    raise ClawError(f"{path}: tensor '{name}' appears in both {self._infos[name].file.name} and {file.name}")
-                self._infos[name] = TensorInfo(name, shape, dtype, file)
-                self._where[name] = (file, data_start + begin, end - begin)
 
     def _read(self, name: str, info: TensorInfo) -> np.ndarray:
         file, offset, nbytes = self._where[name]
@@ -371,6 +364,21 @@ class SafetensorsStore(TensorStore):
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         """(file, offset, length) of a tensor's little-endian bytes: copied without decoding."""
         return self._where[self._file_names.get(name, name)]
+
+
+class SafetensorsStore(SpanStore):
+    """One ``.safetensors`` file, or several (sharded), read with plain file reads."""
+
+    def __init__(self, path: Path, files: list[Path] | None = None):
+        super().__init__(path)
+        for file in files if files is not None else [Path(path)]:
+            data_start, entries, metadata = read_safetensors_header(file)
+            self.metadata.update({str(k): str(v) for k, v in metadata.items()})
+            for name, (shape, dtype, begin, end) in entries.items():
+                if name in self._infos:
+                    raise ClawError(f"{path}: tensor '{name}' appears in both {self._infos[name].file.name} and {file.name}")
+                self._infos[name] = TensorInfo(name, shape, dtype, file)
+                self._where[name] = (file, data_start + begin, end - begin)
 
 
 def read_weight_map(index_path: Path) -> dict[str, str]:

@@ -268,7 +268,7 @@ def open_state_dict(path: Path, unsafe_pickle: bool = False):
     """A plain ``torch.save`` state dict read without torch (headers only, data on demand), or,
     for anything else (legacy pickles, wrapped training checkpoints, foreign objects), the
     ``torch.load(weights_only=True)`` store every other pickle source uses."""
-    from .readers import TensorInfo, TensorStore, TorchPickleStore, read_span, require_file, strip_common_prefix
+    from .readers import SpanStore, TensorInfo, TorchPickleStore, require_file, strip_common_prefix
 
     require_file(Path(path), "torch checkpoint")
     try:
@@ -276,24 +276,9 @@ def open_state_dict(path: Path, unsafe_pickle: bool = False):
     except NotPlain:
         return TorchPickleStore(path, unsafe_pickle=unsafe_pickle)
 
-    class TorchZipStore(TensorStore):
-        def __init__(self):
-            super().__init__(path)
-            self._where = {}
-            for name, (dtype, shape, offset, nbytes) in index.items():
-                self._infos[name] = TensorInfo(name, shape, dtype_of(dtype), Path(path))
-                self._where[name] = (Path(path), offset, nbytes)
-            self.rename(strip_common_prefix(list(self._infos)))
-
-        def _read(self, name, info):
-            file, offset, nbytes = self._where[name]
-            with open(file, "rb", buffering=0) as f:
-                buf = read_span(f.fileno(), offset, nbytes)
-            if buf is None:
-                raise ClawError(f"{file}: truncated while reading '{name}'")
-            return buf.view(info.dtype.np).reshape(info.shape)
-
-        def byte_range(self, name):
-            return self._where[self._file_names.get(name, name)]
-
-    return TorchZipStore()
+    store = SpanStore(path)      # the zip's members are stored, so each tensor is a run of the file
+    for name, (dtype, shape, offset, nbytes) in index.items():
+        store._infos[name] = TensorInfo(name, shape, dtype_of(dtype), Path(path))
+        store._where[name] = (Path(path), offset, nbytes)
+    store.rename(strip_common_prefix(list(store._infos)))
+    return store
