@@ -7,6 +7,7 @@ LLM) and compared with ``LlavaForConditionalGeneration`` + ``AutoProcessor`` loa
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -310,3 +311,37 @@ def test_dinov2_tower(vlm, tmp_path, registers):
     assert figures["passed"] and figures["max_abs_diff"] < TOL
     model = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)[1]
     assert not any(model[k] for k in ("missing_keys", "unexpected_keys"))
+
+
+def test_llava_carries_what_other_readers_need(vlm, tmp_path):
+    """What llama.cpp's converter (under transformers 4.57) and vLLM read beside the weights:
+    text_config.architectures, the base's tokenizer.model, a tokenizer_config.json transformers 4.x
+    reads (a class both know, added tokens listed, no list-valued extra_special_tokens) and a chat
+    template with the configured image token and literal role markers."""
+    _, base, adapter, vision, _, _ = vlm
+    work = tmp_path / "base-with-spm"
+    shutil.copytree(base, work)
+    (work / "tokenizer.model").write_bytes(b"\x0a\x05spm-bytes-as-the-base-has-them")
+    out = tmp_path / "llava"
+    assert run_cli(work, adapter, out, "--vision", vision, "--connector", vlm[0] / "other_params.bin",
+                   "--image-token", "<img>") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["architectures"] == json.loads((base / "config.json").read_text())["architectures"]
+    assert (out / "tokenizer.model").read_bytes() == (work / "tokenizer.model").read_bytes()
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] != "TokenizersBackend"        # transformers 5 only
+    assert not isinstance(tok_config.get("extra_special_tokens"), list)
+    added = {v["content"]: int(k) for k, v in tok_config["added_tokens_decoder"].items()}
+    assert added["<img>"] == config["image_token_index"]
+    template = (out / "chat_template.jinja").read_text()
+    assert "'<img>'" in template and "<image>" not in template and "<|im_start|>" in template
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                          "text": "describe"}]}], add_generation_prompt=True)
+    assert "<img>" in text
+
+
+def test_plain_template_spells_its_role_markers():
+    from clawconvert.surgery.llava import PLAIN_TEMPLATE, chat_template
+    src = chat_template(PLAIN_TEMPLATE, "<image>")
+    assert "'USER: '" in src and "'ASSISTANT: '" in src        # how llama.cpp recognises the vicuna format

@@ -9,12 +9,14 @@ llava.yaml's ``part_sources``; which tokens a tokenizer-less Qwen-1 base has, qw
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterable
 
 from ..errors import ClawError
 from ..io.readers import GatheredStore, TensorStore
 from . import llava
+from .tokenizer import portable_tokenizer_config
 
 # the files of a PEFT checkpoint folder that are trainer state: never opened, named in a note
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json", "scaler.pt",
@@ -52,7 +54,7 @@ class LlavaAssembly:
                 tokenizer.add_special_tokens({"pad_token": "<pad>"})
                 self.pad_token_id = tokenizer.pad_token_id
             self.chat_template, self.template_origin = llava.choose_chat_template(
-                tokenizer, Path(chat_template) if chat_template is not None else None)
+                tokenizer, Path(chat_template) if chat_template is not None else None, image_token)
         else:
             if image_token_id is None:
                 raise ClawError(f"BASE has no tokenizer, so the id of the image token {image_token!r} is unknown")
@@ -106,8 +108,8 @@ class LlavaAssembly:
         return GatheredStore(path, entries)
 
     def config(self, text_config: dict, dtype_name: str | None):
-        text = {k: v for k, v in text_config.items()
-                if k not in ("architectures", "transformers_version", "_name_or_path")}
+        # text_config keeps its architectures: llama.cpp's converter picks the language model's from it
+        text = {k: v for k, v in text_config.items() if k not in ("transformers_version", "_name_or_path")}
         return llava.llava_config(text, self.vision_config, image_token_index=self.image_token_index,
                                   image_seq_length=self.image_seq_length, vision_feature_layer=self.feature_layer,
                                   strategy=self.strategy, projector_bias=self.projector_bias, dtype=dtype_name,
@@ -121,7 +123,10 @@ class LlavaAssembly:
     def table(self) -> str:
         return "llava_next" if self.grid_pinpoints else "llava"
 
-    def write_processor(self, out: Path) -> list[str]:
+    def write_processor(self, out: Path, tokenizer_dir: Path | None = None) -> list[str]:
+        """The processor (image processor, tokenizer with the image token, chat template), in files
+        transformers 4.x and 5.x both read, with the base's ``tokenizer.model`` beside them
+        (llama.cpp's converter reads the SentencePiece vocabulary from it)."""
         if self.tokenizer is None:
             return ["no processor written: BASE has no tokenizer (see the note above)"]
         image_processor, origin = llava.image_processor_for(self.vision_dir, self.vision_config)
@@ -137,6 +142,10 @@ class LlavaAssembly:
             image_token=self.image_token,
             num_additional_image_tokens=llava.num_additional_tokens(self.vision_config))
         processor.save_pretrained(str(out))
+        portable_tokenizer_config(out)
+        spm = Path(tokenizer_dir) / "tokenizer.model" if tokenizer_dir is not None else None
+        if spm is not None and spm.is_file() and not (Path(out) / "tokenizer.model").exists():
+            shutil.copyfile(spm, Path(out) / "tokenizer.model")
         return [f"image processor: {origin}", f"chat template: {self.template_origin}"]
 
     def record(self) -> dict:

@@ -24,20 +24,26 @@ from ..io.readers import TensorStore, open_tensors
 CONNECTOR_ROLES = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias",
                    "image_newline")           # LLaVA-NeXT's row between tiles, when the file holds one
 
+# Built-in chat templates with image items; IMAGE is replaced by the configured image token.
+# Their sources spell the role markers literally ('<|im_start|>', 'USER: ', 'ASSISTANT: '), which
+# is how llama.cpp recognises a template without running Jinja (llama_chat_apply_template).
+_CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ IMAGE }}"
+            "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}")
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}" + _CONTENT +
     "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-PLAIN_TEMPLATE = (  # llava-1.5 style
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+PLAIN_TEMPLATE = (  # llava-1.5 style: "USER: <image>\n... ASSISTANT:"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% endif %}" + _CONTENT.replace("{{ IMAGE }}", "{{ IMAGE + '\\n' }}") +
     "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+
+
+def chat_template(template: str, image_token: str) -> str:
+    return template.replace("IMAGE", repr(image_token))
 
 
 def _table():
@@ -253,15 +259,16 @@ def add_image_token(tokenizer, token: str) -> tuple[int, bool]:
     return ids[0], added
 
 
-def choose_chat_template(tokenizer, path: Path | None) -> tuple[str, str]:
+def choose_chat_template(tokenizer, path: Path | None, image_token: str = "<image>") -> tuple[str, str]:
     if path is not None:
         try:
             return Path(path).read_text(), f"from {path}"
         except OSError as e:
             raise ClawError(f"{path}: cannot read chat template: {e.strerror or e}") from e
     if "<|im_start|>" in tokenizer.get_vocab():
-        return CHATML_TEMPLATE, "built-in ChatML template with image items"
-    return PLAIN_TEMPLATE, "built-in 'USER: ... ASSISTANT:' template with image items"
+        return chat_template(CHATML_TEMPLATE, image_token), f"built-in ChatML template with {image_token} image items"
+    return (chat_template(PLAIN_TEMPLATE, image_token),
+            f"built-in 'USER: ... ASSISTANT:' template with {image_token} image items")
 
 
 def llava_config(text_config: dict, vision_config: dict, *, image_token_index: int, image_seq_length: int,

@@ -258,7 +258,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                 raise
             if assembly is not None:
                 config.save_pretrained(str(tmp))
-                notes += assembly.write_processor(tmp)
+                notes += assembly.write_processor(tmp, tokenizer_dir)
                 copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
             else:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

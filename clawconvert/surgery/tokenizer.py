@@ -47,3 +47,36 @@ def special_token_id(arch: Architecture, token: str) -> int | None:
     if extra:
         names += [extra["format"].format(i=i) for i in range(int(extra["count"]))]
     return int(spec["first_special_id"]) + names.index(token) if token in names else None
+
+
+def portable_tokenizer_config(out: Path) -> list[str]:
+    """Make a transformers-5 ``tokenizer_config.json`` one that transformers 4.x reads too (as
+    llama.cpp's converter runs it): a class name both know, ``extra_special_tokens`` as 4.x's
+    ``additional_special_tokens`` list, and every added token listed in ``added_tokens_decoder``
+    (4.x rebuilds added tokens from it; without it ``<image>`` becomes a pad token)."""
+    import json
+
+    from ..io.readers import read_json_file
+    cfg_file, tok_file = Path(out) / "tokenizer_config.json", Path(out) / "tokenizer.json"
+    if not cfg_file.is_file():
+        return []
+    config = read_json_file(cfg_file, "tokenizer_config.json")
+    changed = []
+    if config.get("tokenizer_class") in ("TokenizersBackend", None):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        changed.append("tokenizer_class")
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = list(dict.fromkeys([*config.get("additional_special_tokens", []), *extra]))
+        del config["extra_special_tokens"]
+        changed.append("additional_special_tokens")
+    if tok_file.is_file() and "added_tokens_decoder" not in config:
+        added = read_json_file(tok_file, "tokenizer.json").get("added_tokens") or []
+        config["added_tokens_decoder"] = {
+            str(t["id"]): {k: t.get(k, d) for k, d in (("content", ""), ("lstrip", False), ("normalized", False),
+                                                       ("rstrip", False), ("single_word", False), ("special", True))}
+            for t in added}
+        changed.append("added_tokens_decoder")
+    if changed:
+        cfg_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return changed
