@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..architectures import Architecture, Resolver, architecture_for, known_model_types, load_architecture, part_of
+from ..architectures import (Architecture, Layout, Resolver, architecture_for, known_model_types,
+                             load_architecture, part_of)
 from ..errors import ClawError, VerificationFailed
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, DType
-from ..io.readers import GatheredStore, open_tensors, read_json_file
+from ..io.readers import GatheredStore, TensorStore, open_tensors, read_json_file
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import MANIFEST, source_fingerprint, write_manifest
 from ..tables import load_table
@@ -117,131 +118,135 @@ def _dtype_name(dtype: DType | None) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connector: str | Path | None = None,
-               vision: str | Path | None = None, dtype: str = "keep", image_token: str | None = None,
-               vision_feature_layer: int | None = None, vision_feature_select_strategy: str | None = None,
-               chat_template: str | Path | None = None, layout: str | None = None,
-               max_shard_size: str | int = "5GB", overwrite: bool = False, unsafe_pickle: bool = False,
-               progress: bool = False, verify: bool = False, tolerance: float | None = None) -> MergeResult:
+@dataclass
+class _Base:
+    """BASE opened: its config and architecture table, its tensors and the layout they are in."""
+
+    path: Path
+    hub: dict
+    config: dict
+    arch: Architecture
+    model_type: str
+    store: TensorStore
+    layout: Layout
+    known: set[str]                  # canonical names BASE has (a tied head it does not store included)
+    pair: tuple[str, str] | None     # the tied (input embedding, output head), canonical
+    tied: bool
+    notes: list[str]
+
+    @classmethod
+    def open(cls, base: str | Path, unsafe_pickle: bool) -> "_Base":
+        path, hub = resolve_source(str(base))
+        if not path.is_dir():
+            raise ClawError(f"{path}: BASE must be a Hugging Face model directory")
+        config = _read_json(path / "config.json")
+        arch, model_type, notes = _architecture(path, config)
+        tied = _effective_tie(path, config, arch, model_type)
+        store = open_tensors(path, unsafe_pickle=unsafe_pickle)
+        layout = arch.detect_layout(store.keys(), path)
+        known = {c for k in store.keys() if not arch.dropped(k) and (c := layout.to_canonical(k))}
+        _require_parts(arch, layout, known, path)
+        pair = arch.tied_pair(model_type)
+        if pair and pair[0] in known:
+            known.add(pair[1])        # a tied head the base does not store is still a module adapters target
+        return cls(path, hub, config, arch, model_type, store, layout, known, pair, tied, notes)
+
+    @property
+    def is_vlm(self) -> bool:
+        return "vision" in self.arch.parts
+
+    @property
+    def converts_lm(self) -> bool:
+        """Qwen-1: its language model is written as its standalone class (Qwen2)."""
+        return self.arch.parts["lm"].format != "hf"
+
+    @property
+    def research_llava(self) -> bool:
+        """A whole original-LLaVA checkpoint: always becomes a llava-hf model."""
+        return self.arch.name == "llava_original"
+
+    def resolver(self) -> Resolver:
+        standalone = load_architecture("causal_lm").layouts if self.is_vlm else ()   # text-only adapters
+        return Resolver(self.arch, self.layout, self.known, standalone)
+
+    def lm_config(self) -> tuple[dict, list[str]]:
+        """The output's language-model config: BASE's own, or its standalone translation."""
+        if self.converts_lm or self.research_llava:
+            _, config, notes = self.arch.standalone("lm", self.config)
+            return config, notes
+        return (self.arch.part_config("lm", self.config) if self.is_vlm else dict(self.config)), []
+
+    def entries(self, store: TensorStore, part: str | None = None) -> dict[str, tuple[TensorStore, str]]:
+        """``store``'s tensors (BASE's keys) under their canonical names, of one part or all."""
+        return {c: (store, k) for k in store.keys()
+                if (c := self.layout.to_canonical(k)) is not None and (part is None or part_of(c) == part)}
+
+
+def merge_lora(base: str | Path, adapter: str | Path | None, out: str | Path, *,
+               connector: str | Path | None = None, vision: str | Path | None = None, dtype: str = "keep",
+               image_token: str | None = None, vision_feature_layer: int | None = None,
+               vision_feature_select_strategy: str | None = None, chat_template: str | Path | None = None,
+               layout: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
+               unsafe_pickle: bool = False, progress: bool = False, verify: bool = False,
+               tolerance: float | None = None) -> MergeResult:
     """Merge ``adapter`` into ``base`` (and assemble a LLaVA with ``vision``); see ``merge-lora --help``.
 
+    ``adapter`` None converts BASE without merging (an original LLaVA checkpoint to llava-hf).
     ``layout`` names the output's key layout from its architecture table (default: the table's
     ``write`` layout, the one the most readers load).  ``vision_feature_layer`` defaults to the
-    adapter folder's LLaVA config (``mm_vision_select_layer``), else -1; ``image_token`` to the
+    original-LLaVA config's ``mm_vision_select_layer``, else -1; ``image_token`` to the
     architecture table's (Qwen-1: ``<|extra_0|>``), else ``<image>``.  ``verify`` compares the
     output with the unmerged model before it is put in place (:mod:`.verify_merge`)."""
     with contextlib.ExitStack() as stack:    # holds scratch copies (a converted vision tower, a built tokenizer)
         if dtype not in CLI_DTYPES:
             raise ClawError(f"unknown dtype '{dtype}' (choose from {', '.join(CLI_DTYPES)})")
         out_dtype = CLI_DTYPES[dtype]
-        base_path, base_hub = resolve_source(str(base))
+        b = _Base.open(base, unsafe_pickle)
         adapter_path, adapter_hub = resolve_source(str(adapter)) if adapter is not None else (None, {})
         vision_path, vision_hub = resolve_source(str(vision)) if vision is not None else (None, {})
-        if not base_path.is_dir():
-            raise ClawError(f"{base_path}: BASE must be a Hugging Face model directory")
-        base_config = _read_json(base_path / "config.json")
-        arch, model_type, notes = _architecture(base_path, base_config)
-        is_vlm = "vision" in arch.parts
-        converts_lm = arch.parts["lm"].format != "hf"     # Qwen-1: written as its standalone class (Qwen2)
-        research_llava = arch.name == "llava_original"    # a whole original-LLaVA checkpoint: always a LLaVA
-        takes_vision = not is_vlm or arch.parts["vision"].optional
-        if not takes_vision and (vision is not None or connector is not None):
-            raise ClawError(f"{base_path}: BASE is already a vision-language model ({model_type}); --vision and "
+        if b.is_vlm and not b.arch.parts["vision"].optional and (vision is not None or connector is not None):
+            raise ClawError(f"{b.path}: BASE is already a vision-language model ({b.model_type}); --vision and "
                             f"--connector build a LLaVA from a causal LM")
-        if connector is not None and vision is None and not research_llava:
+        if connector is not None and vision is None and not b.research_llava:
             raise ClawError("--connector needs --vision (the vision tower the connector reads from)")
-        tied = _effective_tie(base_path, base_config, arch, model_type)
-        adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle) if adapter is not None else Adapter.none(base_path)
-        research = ResearchFolder(adapter_path if adapter is not None else base_path)
-        notes += research.notes()
-        base_store = open_tensors(base_path, unsafe_pickle=unsafe_pickle)
-        base_layout = arch.detect_layout(base_store.keys(), base_path)
-        known = {c for k in base_store.keys() if not arch.dropped(k) and (c := base_layout.to_canonical(k))}
-        _require_parts(arch, base_layout, known, base_path)
-        pair = arch.tied_pair(model_type)
-        if pair and pair[0] in known:
-            known.add(pair[1])        # a tied head the base does not store is still a module adapters target
-        standalone = load_architecture("causal_lm").layouts if is_vlm else ()   # text-only adapters
-        resolver = Resolver(arch, base_layout, known, standalone)
+        adapter_obj = Adapter(adapter_path, unsafe_pickle=unsafe_pickle) if adapter is not None else Adapter.none(b.path)
+        research = ResearchFolder(adapter_path if adapter is not None else b.path)
+        notes = b.notes + research.notes()
 
-        plan = plan_merge(base_store, adapter_obj, resolver, tied_pair=pair, tied=tied,
-                          conv1d=bool(arch.row(model_type).get("conv1d")), dtype=out_dtype)
+        plan = plan_merge(b.store, adapter_obj, b.resolver(), tied_pair=b.pair, tied=b.tied,
+                          conv1d=bool(b.arch.row(b.model_type).get("conv1d")), dtype=out_dtype)
         notes += _part_notes(plan.summary)
-        _check_tokenizer(base_path, plan.vocab_rows)
-        assemble = vision is not None or research_llava
-        if converts_lm or research_llava:
-            _, text_config, lm_notes = arch.standalone("lm", base_config)
-            notes += lm_notes
-        else:
-            text_config = arch.part_config("lm", base_config) if is_vlm else dict(base_config)
-        tokenizer_dir, tokenizer_notes = base_tokenizer(base_path, arch, base_config,
+        _check_tokenizer(b.path, plan.vocab_rows)
+        text_config, lm_notes = b.lm_config()
+        tokenizer_dir, tokenizer_notes = base_tokenizer(b.path, b.arch, b.config,
                                                          lambda: _scratch_beside(Path(out), stack, "tokenizer"))
-        notes += tokenizer_notes
+        notes += lm_notes + tokenizer_notes
 
-        assembly, extra_rows, vision_dir = None, 0, None
-        if assemble:
-            llava_cfg = base_config if research_llava else research.llava_config
-            own = {c: (plan.store, k) for k in plan.store.keys() if (c := base_layout.to_canonical(k)) is not None}
-            vision_store, vision_config, vision_dir = _vision_source(
-                vision_path, {c: e for c, e in own.items() if part_of(c) == "vision"}, llava_cfg, base_path,
-                lambda: _scratch_beside(Path(out), stack, "vision"), unsafe_pickle, notes)
-            layer, strategy = research.feature_selection(vision_feature_layer, vision_feature_select_strategy)
-            if research_llava and vision_feature_layer is None:
-                layer = int(base_config.get("mm_vision_select_layer", -2))
-            image_token = image_token or arch.tokenizer.get("image_token") or "<image>"
-            assembly = LlavaAssembly(
-                vision_store, vision_config, tokenizer=llava.load_tokenizer(tokenizer_dir) if tokenizer_dir else None,
-                image_token=image_token, image_token_id=special_token_id(arch, image_token), feature_layer=layer,
-                strategy=strategy, chat_template=chat_template, unsafe_pickle=unsafe_pickle, vision_dir=vision_dir,
-                grid_pinpoints=_grid_pinpoints(llava_cfg, base_path), llava_conventions=bool(llava_cfg),
-                lm_type=str(text_config.get("model_type", "")))
-            extra_rows = max(0, assembly.vocab_rows - (plan.vocab_rows or 0))
-            if extra_rows:
-                plan.grow_vocab(extra_rows)
+        assembly = None
+        if vision is not None or b.research_llava:
+            assembly = _assemble(b, plan, research, vision_path, tokenizer_dir, text_config, notes,
+                                 scratch=lambda: _scratch_beside(Path(out), stack, "vision"), image_token=image_token,
+                                 feature_layer=vision_feature_layer, strategy=vision_feature_select_strategy,
+                                 chat_template=chat_template, unsafe_pickle=unsafe_pickle)
+            own = [k for _, k in b.entries(plan.store, "connector").values()]
+            candidates = [(plan.store, own, str(b.path))] if b.research_llava else []
+            candidates += [(adapter_obj.store, plan.leftovers.values(), f"{adapter_obj.path} (modules_to_save)")]
+            candidates += research.connector_stores(unsafe_pickle)
+            leftovers = assembly.take_connector(connector, candidates, dict(plan.leftovers), notes)
+        else:
+            leftovers = dict(plan.leftovers)
+        _refuse_leftovers(leftovers, b.path)
         target_arch = (load_architecture(assembly.table) if assembly is not None else
-                       load_architecture("causal_lm") if converts_lm else arch)
+                       load_architecture("causal_lm") if b.converts_lm else b.arch)
         out_layout = target_arch.layout(layout or (assembly and llava.tower_layout(assembly.vision_config))
                                          or target_arch.write)
 
-        leftovers = dict(plan.leftovers)
-        if assembly is not None:
-            candidates = [(plan.store, [k for k in plan.store.keys() if part_of(base_layout.to_canonical(k) or "")
-                                        == "connector"], str(base_path))] if research_llava else []
-            candidates += [(adapter_obj.store, leftovers.values(), f"{adapter_obj.path} (modules_to_save)")]
-            candidates += research.connector_stores(unsafe_pickle)
-            leftovers = assembly.take_connector(connector, candidates, leftovers, notes)
-        _refuse_leftovers(leftovers, base_path)
+        source, config, architecture = _output(b, plan, assembly, text_config, out_dtype)
+        src_layout = CANONICAL if assembly else b.layout
+        engine_plan = plan_relayout(source, b.arch, src_layout, out_layout, dst_arch=target_arch, dtype=out_dtype,
+                                    src_rules=part_rules(b.arch, src_layout, b.config))
 
-        # output config
-        if plan.untied:
-            text_config["tie_word_embeddings"] = False
-        elif tied:
-            text_config["tie_word_embeddings"] = True
-        if extra_rows:
-            text_config["vocab_size"] = plan.vocab_rows + extra_rows
-        lm_dtype = _dtype_name(out_dtype) or next((text_config[k] for k in CONFIG_DTYPE_KEYS if k in text_config), None)
-        _set_dtype(text_config, _dtype_name(out_dtype))
-
-        src_layout = CANONICAL if assembly else base_layout
-        if assembly is not None:
-            lm = {c: (plan.store, k) for k in plan.store.keys()
-                  if part_of(c := base_layout.to_canonical(k) or "") == "lm"}
-            source = assembly.gather(lm, text_config, plan.store.path)
-            config = assembly.config(text_config, lm_dtype)
-            architecture = assembly.architecture
-        else:
-            source = plan.store
-            config = text_config
-            if is_vlm:
-                config = {**base_config, **({"text_config": text_config} if "text_config" in base_config else {})}
-                if plan.untied:
-                    config["tie_word_embeddings"] = False
-                _set_dtype(config, _dtype_name(out_dtype))
-            architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
-        engine_plan = plan_relayout(source, arch, src_layout, out_layout, dst_arch=target_arch, dtype=out_dtype,
-                                    src_rules=part_rules(arch, src_layout, base_config))
-
-        sources = tuple(p for p in (base_path, adapter_path, vision_path,
+        sources = tuple(p for p in (b.path, adapter_path, vision_path,
                                     Path(connector) if connector is not None else None) if p is not None)
         with atomic_output_dir(out, overwrite=overwrite, sources=sources) as tmp:
             writer = SafetensorsWriter(tmp, engine_plan.writer_plan, max_shard_size=parse_size(max_shard_size))
@@ -256,32 +261,18 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
             except BaseException:
                 writer.abort()
                 raise
-            if assembly is not None:
-                config.save_pretrained(str(tmp))
-                notes += assembly.write_processor(tmp, tokenizer_dir)
-                copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
-            else:
-                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-                if converts_lm:     # a different architecture: its tokenizer and generation config only
-                    copied = _copy_side_files(base_path, tmp, keep=("generation_config.json",))
-                    if tokenizer_dir is not None:
-                        copied += _copy_side_files(tokenizer_dir, tmp, keep=TOKENIZER_FILES)
-                else:
-                    copied = _copy_side_files(base_path, tmp)
-                if not any(f in copied for f in TOKENIZER_FILES) and tokenizer_dir is None:
-                    notes.append(f"{base_path} has no tokenizer files; none copied")
-            figures = None
-            if verify:
-                figures = _verify(tmp, base_path, adapter_path, arch, assembly, vision_dir if assembly else None,
-                                  tolerance)
-            merge_record = {**plan.summary, "tie": plan.tie, "extra_embedding_rows": extra_rows,
-                            "copied_from_base": copied, "layout": {"base": base_layout.name, "output": out_layout.name,
+            copied = _side_files(tmp, b, assembly, config, tokenizer_dir, notes)
+            figures = _verify(tmp, b.path, adapter_path, b.arch, assembly, tolerance) if verify else None
+            merge_record = {**plan.summary, "tie": plan.tie,
+                            "extra_embedding_rows": (assembly.vocab_rows - plan.vocab_rows
+                                                     if assembly is not None and plan.vocab_rows else 0),
+                            "copied_from_base": copied, "layout": {"base": b.layout.name, "output": out_layout.name,
                                                                    "loaded_by": out_layout.loaded_by}}
             if assembly is not None:
                 merge_record["llava"] = assembly.record()
             write_manifest(tmp, {
                 "source": {
-                    "base": {"path": str(base), "fingerprint": source_fingerprint(base_path), **base_hub},
+                    "base": {"path": str(base), "fingerprint": source_fingerprint(b.path), **b.hub},
                     **({"adapter": {"path": str(adapter), "fingerprint": source_fingerprint(adapter_path),
                                     **adapter_hub, "config": adapter_obj.raw_config}} if adapter is not None else {}),
                     **({"vision": {"path": str(vision), "fingerprint": source_fingerprint(vision_path), **vision_hub}}
@@ -290,7 +281,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                        if connector is not None else {}),
                 },
                 "target": {"format": "hf", "architecture": architecture},
-                "tables": _tables(arch, base_layout, target_arch, out_layout),
+                "tables": _tables(b.arch, b.layout, target_arch, out_layout),
                 "dtype": dtype,
                 "merge": merge_record,
                 **({"verify": figures} if figures else {}),
@@ -304,7 +295,73 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, connec
                            plan.tie, notes, merge_record, figures)
 
 
-def _verify(out: Path, base: Path, adapter: Path | None, arch: Architecture, assembly, vision_dir,
+def _assemble(b: _Base, plan, research: "ResearchFolder", vision_path: Path | None, tokenizer_dir: Path | None,
+              text_config: dict, notes: list[str], *, scratch, image_token: str | None, feature_layer: int | None,
+              strategy: str | None, chat_template, unsafe_pickle: bool) -> LlavaAssembly:
+    """The LLaVA side: the tower (BASE's own when an original LLaVA saved it), the feature
+    selection, the tokenizer with its image token, the vocabulary rows it needs."""
+    llava_cfg = b.config if b.research_llava else research.llava_config
+    vision_store, vision_config, vision_dir = _vision_source(vision_path, b.entries(plan.store, "vision"), llava_cfg,
+                                                             b.path, scratch, unsafe_pickle, notes)
+    layer, strategy = research.feature_selection(feature_layer, strategy)
+    if b.research_llava and feature_layer is None:
+        layer = int(b.config.get("mm_vision_select_layer", -2))
+    image_token = image_token or b.arch.tokenizer.get("image_token") or "<image>"
+    assembly = LlavaAssembly(
+        vision_store, vision_config, tokenizer=llava.load_tokenizer(tokenizer_dir) if tokenizer_dir else None,
+        image_token=image_token, image_token_id=special_token_id(b.arch, image_token), feature_layer=layer,
+        strategy=strategy, chat_template=chat_template, unsafe_pickle=unsafe_pickle, vision_dir=vision_dir,
+        grid_pinpoints=_grid_pinpoints(llava_cfg, b.path), llava_conventions=bool(llava_cfg),
+        lm_type=str(text_config.get("model_type", "")))
+    extra_rows = max(0, assembly.vocab_rows - (plan.vocab_rows or 0))
+    if extra_rows:
+        plan.grow_vocab(extra_rows)
+    assembly.vocab_rows = max(assembly.vocab_rows, plan.vocab_rows or 0)
+    return assembly
+
+
+def _output(b: _Base, plan, assembly: LlavaAssembly | None, text_config: dict, out_dtype: DType | None):
+    """(the store the engine writes, the output config, its architecture name)."""
+    if plan.untied:
+        text_config["tie_word_embeddings"] = False
+    elif b.tied:
+        text_config["tie_word_embeddings"] = True
+    if assembly is not None and assembly.vocab_rows > (plan.vocab_rows or 0):
+        text_config["vocab_size"] = assembly.vocab_rows
+    lm_dtype = _dtype_name(out_dtype) or next((text_config[k] for k in CONFIG_DTYPE_KEYS if k in text_config), None)
+    _set_dtype(text_config, _dtype_name(out_dtype))
+    if assembly is not None:
+        source = assembly.gather(b.entries(plan.store, "lm"), text_config, plan.store.path)
+        return source, assembly.config(text_config, lm_dtype), assembly.architecture
+    config = text_config
+    if b.is_vlm:
+        config = {**b.config, **({"text_config": text_config} if "text_config" in b.config else {})}
+        if plan.untied:
+            config["tie_word_embeddings"] = False
+        _set_dtype(config, _dtype_name(out_dtype))
+    return plan.store, config, (config.get("architectures") or [config.get("model_type", "?")])[0]
+
+
+def _side_files(tmp: Path, b: _Base, assembly: LlavaAssembly | None, config, tokenizer_dir: Path | None,
+                notes: list[str]) -> list[str]:
+    """config.json and what travels beside the weights; returns the names copied from BASE."""
+    if assembly is not None:
+        config.save_pretrained(str(tmp))
+        notes += assembly.write_processor(tmp, tokenizer_dir)
+        return _copy_side_files(b.path, tmp, keep=("generation_config.json",))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if b.converts_lm:     # a different architecture: its tokenizer and generation config only
+        copied = _copy_side_files(b.path, tmp, keep=("generation_config.json",))
+        if tokenizer_dir is not None:
+            copied += _copy_side_files(tokenizer_dir, tmp, keep=TOKENIZER_FILES)
+    else:
+        copied = _copy_side_files(b.path, tmp)
+    if not any(f in copied for f in TOKENIZER_FILES) and tokenizer_dir is None:
+        notes.append(f"{b.path} has no tokenizer files; none copied")
+    return copied
+
+
+def _verify(out: Path, base: Path, adapter: Path | None, arch: Architecture, assembly: LlavaAssembly | None,
             tolerance: float | None) -> dict:
     """The output against the unmerged model in its own framework, where that framework runs here."""
     from .verify_merge import skipped, verify_merge
@@ -313,7 +370,7 @@ def _verify(out: Path, base: Path, adapter: Path | None, arch: Architecture, ass
                        f"runs; the conversion is covered by the tests against the original code's outputs")
     kind = "llava" if assembly is not None else ("vlm" if "vision" in arch.parts else "causal_lm")
     return verify_merge(out, base=base, adapter=adapter, kind=kind, tolerance=tolerance, assembly=assembly,
-                        vision_dir=vision_dir)
+                        vision_dir=assembly.vision_dir if assembly is not None else None)
 
 
 def _tables(arch: Architecture, base_layout, target_arch: Architecture, out_layout) -> list[dict]:
