@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .errors import VerificationFailed
 from .verify import Runner, load_strict, quiet
 

@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from test_merge_lora import randomize_adapter, tree_hash  # noqa: E402
-from vlm_models import CASES, IMAGE, build  # noqa: E402
+from vlm_models import CASES, build  # noqa: E402
 
 from clawconvert.cli import main  # noqa: E402
 

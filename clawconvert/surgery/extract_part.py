@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..architectures import Architecture, Layout, model_architecture
-from ..errors import ClawError, VerificationFailed
+from ..errors import VerificationFailed
 from ..io.atomic import atomic_output_dir
 from ..io.dtypes import DType
 from ..io.readers import open_tensors, read_json_file
@@ -25,6 +25,9 @@ from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import source_fingerprint, write_manifest
 from .relayout import part_rules, plan_relayout
 from .tokenizer import TOKENIZER_FILES, base_tokenizer
+
+if TYPE_CHECKING:
+    from .extract import ExtractResult
 
 PARTS = {"text": "lm", "visual": "vision"}
 # the image processors that belong to each standalone vision class (a VLM's own, e.g.

@@ -20,12 +20,12 @@ from ..errors import ClawError, VerificationFailed
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
 from ..io.dtypes import CLI_DTYPES, DType
-from ..io.readers import GatheredStore, TensorStore, open_tensors, read_json_file
+from ..io.readers import TensorStore, open_tensors
 from ..io.writers import SafetensorsWriter, parse_size
 from ..provenance import MANIFEST, source_fingerprint, write_manifest
 from ..tables import load_table
 from . import llava
-from .assembly import LlavaAssembly, trainer_files
+from .assembly import LlavaAssembly, ResearchFolder, grid_pinpoints, vision_source
 from .lora import Adapter
 from .merge import plan_merge
 from .relayout import CANONICAL, part_rules, plan_relayout
@@ -295,13 +295,13 @@ def merge_lora(base: str | Path, adapter: str | Path | None, out: str | Path, *,
                            plan.tie, notes, merge_record, figures)
 
 
-def _assemble(b: _Base, plan, research: "ResearchFolder", vision_path: Path | None, tokenizer_dir: Path | None,
+def _assemble(b: _Base, plan, research: ResearchFolder, vision_path: Path | None, tokenizer_dir: Path | None,
               text_config: dict, notes: list[str], *, scratch, image_token: str | None, feature_layer: int | None,
               strategy: str | None, chat_template, unsafe_pickle: bool) -> LlavaAssembly:
     """The LLaVA side: the tower (BASE's own when an original LLaVA saved it), the feature
     selection, the tokenizer with its image token, the vocabulary rows it needs."""
     llava_cfg = b.config if b.research_llava else research.llava_config
-    vision_store, vision_config, vision_dir = _vision_source(vision_path, b.entries(plan.store, "vision"), llava_cfg,
+    vision_store, vision_config, vision_dir = vision_source(vision_path, b.entries(plan.store, "vision"), llava_cfg,
                                                              b.path, scratch, unsafe_pickle, notes)
     layer, strategy = research.feature_selection(feature_layer, strategy)
     if b.research_llava and feature_layer is None:
@@ -311,7 +311,7 @@ def _assemble(b: _Base, plan, research: "ResearchFolder", vision_path: Path | No
         vision_store, vision_config, tokenizer=llava.load_tokenizer(tokenizer_dir) if tokenizer_dir else None,
         image_token=image_token, image_token_id=special_token_id(b.arch, image_token), feature_layer=layer,
         strategy=strategy, chat_template=chat_template, unsafe_pickle=unsafe_pickle, vision_dir=vision_dir,
-        grid_pinpoints=_grid_pinpoints(llava_cfg, b.path), llava_conventions=bool(llava_cfg),
+        grid_pinpoints=grid_pinpoints(llava_cfg, b.path), llava_conventions=bool(llava_cfg),
         lm_type=str(text_config.get("model_type", "")))
     extra_rows = max(0, assembly.vocab_rows - (plan.vocab_rows or 0))
     if extra_rows:
@@ -380,81 +380,6 @@ def _tables(arch: Architecture, base_layout, target_arch: Architecture, out_layo
             t = load_table(*part.format.split("/"))
             tables[t.name] = t
     return [{"name": t.name, "sha256": t.sha256} for t in tables.values()]
-
-
-def _vision_source(vision: Path | None, own: dict, llava_cfg: dict, base: Path, scratch, unsafe_pickle: bool,
-                   notes: list[str]) -> tuple:
-    """(tower tensors under canonical names, vision_config, directory of its preprocessing).
-
-    An original LLaVA checkpoint that saved its (trained) tower brings the weights; its config
-    and preprocessing still come from ``--vision``, the model ``mm_vision_tower`` names."""
-    named = llava_cfg.get("mm_vision_tower") if llava_cfg else None
-    if vision is None:
-        hint = f" (it names {named!r}: pass that model's directory or hf-hub:{named})" if named else ""
-        what = "holds its tower's weights but not its config" if own else "holds no vision tower"
-        raise ClawError(f"{base}: the checkpoint {what}; --vision gives it{hint}")
-    vdir = vision if (vision / "config.json").is_file() else None
-    store, config = llava.vision_tower_source(vision, None if vdir else scratch(), unsafe_pickle)
-    if not own:
-        return store, config, store.path.parent
-    theirs = {k: tuple(store.info(k).shape) for k in store.keys()}
-    mine = {c: tuple(s.info(k).shape) for c, (s, k) in own.items()}
-    if theirs != mine:
-        diff = sorted(set(theirs) ^ set(mine)) or [k for k in mine if mine[k] != theirs[k]]
-        raise ClawError(f"{base}: the checkpoint's vision tower does not match --vision {vision} (e.g. '{diff[0]}')")
-    notes.append(f"vision tower weights from {base} (trained with the model); config and preprocessing from {vision}")
-    return GatheredStore(base, own), config, store.path.parent
-
-
-def _grid_pinpoints(llava_cfg: dict, base: Path) -> list | None:
-    """LLaVA 1.6: ``image_aspect_ratio: anyres`` with ``spatial_unpad`` tiles is LLaVA-NeXT."""
-    if not llava_cfg or llava_cfg.get("image_aspect_ratio") != "anyres":
-        return None
-    merge = llava_cfg.get("mm_patch_merge_type", "spatial_unpad")
-    if merge != "spatial_unpad":
-        raise ClawError(f"{base}: mm_patch_merge_type '{merge}' has no transformers class "
-                        f"(LlavaNextForConditionalGeneration implements spatial_unpad)")
-    grid = llava_cfg.get("image_grid_pinpoints")
-    if not isinstance(grid, list) or not grid:
-        raise ClawError(f"{base}: image_aspect_ratio is anyres but image_grid_pinpoints is missing")
-    return grid
-
-
-class ResearchFolder:
-    """What research code leaves beside a PEFT adapter: a connector file (llava.yaml's
-    ``part_sources`` name them: ``other_params.bin``, ``non_lora_trainables.bin``), an original
-    LLaVA ``config.json`` with ``mm_vision_select_layer``, and trainer state that is never opened."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.connector_files = [self.folder / f for lay in load_architecture("llava").part_sources["connector"]
-                                for f in lay.files if (self.folder / f).is_file()]
-        cfg = self.folder / "config.json"
-        self.llava_config = {}
-        if cfg.is_file():
-            data = read_json_file(cfg, "config.json")
-            if isinstance(data, dict) and "mm_vision_select_layer" in data:
-                self.llava_config = data
-
-    def notes(self) -> list[str]:
-        ignored = trainer_files(self.folder)
-        return [f"ignored in {self.folder}: {', '.join(ignored)} (trainer state, never unpickled)"] if ignored else []
-
-    def connector_stores(self, unsafe_pickle: bool) -> list[tuple]:
-        out = []
-        for f in self.connector_files:
-            store = open_tensors(f, unsafe_pickle=unsafe_pickle)
-            out.append((store, store.keys(), str(f)))
-        return out
-
-    def feature_selection(self, layer: int | None, strategy: str | None) -> tuple[int, str | None]:
-        """--vision-feature-layer / -strategy, else the original LLaVA config's, else -1 and the tower's default."""
-        cfg = self.llava_config
-        if layer is None:
-            layer = int(cfg.get("mm_vision_select_layer", -1))
-        if strategy is None and cfg.get("mm_vision_select_feature"):
-            strategy = {"patch": "default", "cls_patch": "full"}.get(cfg["mm_vision_select_feature"])
-        return layer, strategy
 
 
 def _require_parts(arch: Architecture, layout, known: set[str], base: Path) -> None:

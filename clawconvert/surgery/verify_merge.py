@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import VerificationFailed
 
 
 def _load(cls, path: Path):
