@@ -5,8 +5,10 @@
 #   tools/build_llama_cpp.sh [CACHE_DIR]      (default: $CLAWCONVERT_RUNTIMES or ~/.cache/clawconvert/runtimes)
 #
 # Result, reused by later runs (a finished build is never redone):
-#   CACHE_DIR/llama.cpp-<version>/stock/bin/{llama-mtmd-cli,llama-mtmd-debug}
-#   CACHE_DIR/llama.cpp-<version>/cls-fix/bin/{llama-mtmd-cli,llama-mtmd-debug}
+#   CACHE_DIR/llama.cpp-<version>/stock/bin/{llama-mtmd-cli,llama-mtmd-debug,clawconvert-llama-probe}
+#   CACHE_DIR/llama.cpp-<version>/cls-fix/bin/{llama-mtmd-cli,llama-mtmd-debug,clawconvert-llama-probe}
+# clawconvert-llama-probe is tools/llama_probe.cpp (this folder), built against llama.cpp's own
+# libraries: it prints the prompt's tokens, the first-token logits and greedy tokens.
 # "cls-fix" is the same tree with the upstream fix for the LLaVA graph's class-token order
 # (ggml-org/llama.cpp#25814, PR #25844: tools/mtmd/models/llava.cpp concatenates the class
 # embedding AFTER the patches; the fix puts it first, where CLIP has it).  The patched build
@@ -20,7 +22,8 @@ PY="${PYTHON:-python3}"
 CACHE="${1:-${CLAWCONVERT_RUNTIMES:-$HOME/.cache/clawconvert/runtimes}}"
 ROOT="$CACHE/llama.cpp-$VERSION"
 JOBS="${JOBS:-$(nproc)}"
-TARGETS=(llama-mtmd-cli llama-mtmd-debug)
+TARGETS=(llama-mtmd-cli llama-mtmd-debug clawconvert-llama-probe)
+HERE="$(cd "$(dirname "$0")" && pwd)"
 
 have_all() { for t in "${TARGETS[@]}"; do [ -x "$1/bin/$t" ] || return 1; done; }
 if have_all "$ROOT/stock" && have_all "$ROOT/cls-fix"; then
@@ -39,6 +42,18 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
 fi
 
 LLAVA="$SRC/tools/mtmd/models/llava.cpp"
+# the probe is one more executable of tools/mtmd, linked like llama-mtmd-debug
+cp "$HERE/llama_probe.cpp" "$SRC/tools/mtmd/clawconvert-llama-probe.cpp"
+if ! grep -q clawconvert-llama-probe "$SRC/tools/mtmd/CMakeLists.txt"; then
+    cat >>"$SRC/tools/mtmd/CMakeLists.txt" <<'CMAKE'
+
+if (LLAMA_BUILD_TOOLS)
+    add_executable(clawconvert-llama-probe clawconvert-llama-probe.cpp)
+    target_link_libraries(clawconvert-llama-probe PRIVATE mtmd llama Threads::Threads)
+    target_compile_features(clawconvert-llama-probe PRIVATE cxx_std_17)
+endif()
+CMAKE
+fi
 STOCK_LINE='inp = ggml_concat(ctx0, inp, model.class_embedding, 1);'
 FIXED_LINE='inp = ggml_concat(ctx0, model.class_embedding, inp, 1);'
 
