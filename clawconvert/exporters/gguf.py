@@ -336,12 +336,15 @@ class MmprojPlan:
 
 
 def _normalization(directory: Path, family: str, notes: list[str]) -> tuple[list, list]:
-    pre = directory / "preprocessor_config.json"
-    if pre.is_file():
-        cfg = read_json_file(pre, "preprocessor config")
-        if isinstance(cfg.get("image_mean"), list) and isinstance(cfg.get("image_std"), list):
-            return cfg["image_mean"], cfg["image_std"]
-    notes.append(f"no image_mean / image_std in {pre.name}: the {family} defaults are written")
+    """image_mean / image_std: preprocessor_config.json (transformers 4 layout) or the image_processor
+    section of processor_config.json (transformers 5), else the family's defaults."""
+    for name, section in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if (directory / name).is_file():
+            cfg = read_json_file(directory / name, "processor config")
+            cfg = cfg.get(section) if section and isinstance(cfg, dict) else cfg
+            if isinstance(cfg, dict) and isinstance(cfg.get("image_mean"), list) and isinstance(cfg.get("image_std"), list):
+                return cfg["image_mean"], cfg["image_std"]
+    notes.append(f"no image_mean / image_std in the processor files: the {family} defaults are written")
     return DEFAULT_NORMALIZATION[family]
 
 
