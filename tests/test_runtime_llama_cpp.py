@@ -39,7 +39,8 @@ ROOT = Path(os.environ.get("CLAWCONVERT_RUNTIMES", Path.home() / ".cache/clawcon
 EMBED_TOL = 1e-3          # image embeddings, f32 GGUF (llama.cpp's GELU is the tanh form; HF's projector uses erf)
 LOGIT_TOL = 5e-3          # first-token logits after 16 image tokens and a prompt
 N_GREEDY = 8
-PROMPT = "USER: <__media__>\ndescribe the image\nASSISTANT:"
+PROMPTS = {"llama": "USER: <__media__>\ndescribe the image\nASSISTANT:",            # the built-in templates' forms
+           "qwen2": "<|im_start|>user\n<__media__>describe the image<|im_end|>\n<|im_start|>assistant\n"}
 
 
 def tool(build: str, name: str) -> str:
@@ -59,12 +60,14 @@ def base(work):
     return rm.llama_base(work / "llama-base")
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip"])
+@pytest.fixture(scope="module", params=[("clip", "llama"), ("siglip", "llama"), ("clip", "qwen2")],
+                ids=["clip-llama", "siglip-llama", "clip-qwen2"])
 def llava(request, work, base):
-    src = rm.llava(work, request.param, base)
-    out = work / f"gguf-{request.param}"
+    kind, lm = request.param
+    src = rm.llava(work / lm, kind, base if lm == "llama" else rm.qwen2_base(work / lm / "qwen2-base"))
+    out = work / f"gguf-{kind}-{lm}"
     clawconvert.export(src, out, to="gguf", outtype="f32")
-    return request.param, src, out
+    return kind, lm, src, out
 
 
 def rainbow(n: int) -> torch.Tensor:
@@ -101,9 +104,9 @@ def hf_image_features(model, pixels: torch.Tensor) -> np.ndarray:
     return out.reshape(-1, out.shape[-1]).numpy()
 
 
-def probe(build: str, out: Path, rgb: Path, size: int, logits: Path) -> tuple[list[tuple[str, list[int]]], list[int]]:
+def probe(build: str, out: Path, rgb: Path, size: int, prompt: str, logits: Path) -> tuple[list, list[int]]:
     r = subprocess.run([tool(build, "clawconvert-llama-probe"), str(out / "model-f32.gguf"), str(out / "mmproj-f32.gguf"),
-                        str(rgb), str(size), str(size), PROMPT, str(N_GREEDY), str(logits)],
+                        str(rgb), str(size), str(size), prompt, str(N_GREEDY), str(logits)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     chunks, greedy = [], []
@@ -121,15 +124,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_image_embeddings_match_transformers(llava, work):
-    kind, src, out = llava
+    kind, lm, src, out = llava
     model = transformers.LlavaForConditionalGeneration.from_pretrained(src).eval()
     size = model.config.vision_config.image_size
     ref = hf_image_features(model, rainbow(size))
     for build in ("stock", "cls-fix"):
-        emb = llama_embeddings(build, out, size, work / f"emb-{kind}-{build}.bin")
+        emb = llama_embeddings(build, out, size, work / f"emb-{kind}-{lm}-{build}.bin")
         assert emb.shape == ref.shape
         diff, cos = float(np.abs(emb - ref).max()), cosine(emb, ref)
-        print(f"{kind} LLaVA, llama.cpp {VERSION} {build}: image embeddings max |diff| {diff:.3g}, "
+        print(f"{kind}-{lm} LLaVA, llama.cpp {VERSION} {build}: image embeddings max |diff| {diff:.3g}, "
               f"mean cosine {cos:.6f} vs transformers get_image_features ({emb.shape[0]} tokens x {emb.shape[1]})")
         if kind == "clip" and build == "stock":
             assert cos < 0.99, "stock llama.cpp now orders the CLIP class token right: the patched build is not needed"
@@ -139,32 +142,35 @@ def test_image_embeddings_match_transformers(llava, work):
 
 def test_logits_and_greedy_tokens_match_transformers(llava, work):
     from PIL import Image
-    kind, src, out = llava
+    kind, lm, src, out = llava
     model = transformers.LlavaForConditionalGeneration.from_pretrained(src).eval()
     processor = transformers.AutoProcessor.from_pretrained(src)
     size = model.config.vision_config.image_size
     pixels = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
-    rgb = work / f"image-{kind}.rgb"
+    rgb = work / f"image-{kind}-{lm}.rgb"
     pixels.tofile(rgb)
     pixel_values = processor.image_processor(images=Image.fromarray(pixels), return_tensors="pt").pixel_values
     for build in ("stock", "cls-fix"):
-        chunks, greedy = probe(build, out, rgb, size, work / f"logits-{kind}-{build}.bin")
+        logits_file = work / f"logits-{kind}-{lm}-{build}.bin"
+        chunks, greedy = probe(build, out, rgb, size, PROMPTS[lm], logits_file)
         assert [c[0] for c in chunks] == ["text", "image", "text"]
         ids: list[int] = []
         for what, values in chunks:
             ids += values if what == "text" else [model.config.image_token_index] * values[0]
         assert chunks[1][1] == [model.config.image_seq_length]
-        # llama.cpp's SentencePiece tokens of the text before the image are transformers' (after BOS)
-        assert chunks[0][1] == [1] + processor.tokenizer("USER:", add_special_tokens=False).input_ids \
-            + processor.tokenizer.convert_tokens_to_ids(["▁"])
+        if lm == "llama":   # llama.cpp's SentencePiece tokens of the text before the image are transformers' (+ BOS)
+            assert chunks[0][1] == [1] + processor.tokenizer("USER:", add_special_tokens=False).input_ids \
+                + processor.tokenizer.convert_tokens_to_ids(["▁"])
+        else:               # byte-level BPE, specials parsed
+            assert chunks[0][1] == processor.tokenizer("<|im_start|>user\n", add_special_tokens=False).input_ids
         input_ids = torch.tensor([ids])
         with torch.no_grad():
             ref_logits = model(input_ids=input_ids, pixel_values=pixel_values).logits[0, -1].numpy()
             ref_greedy = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=N_GREEDY,
                                         do_sample=False)[0, input_ids.shape[1]:].tolist()
-        logits = np.fromfile(work / f"logits-{kind}-{build}.bin", dtype=np.float32)
+        logits = np.fromfile(logits_file, dtype=np.float32)
         diff = float(np.abs(logits - ref_logits).max())
-        print(f"{kind} LLaVA, llama.cpp {VERSION} {build}: first-token logits max |diff| {diff:.3g} "
+        print(f"{kind}-{lm} LLaVA, llama.cpp {VERSION} {build}: first-token logits max |diff| {diff:.3g} "
               f"({len(ids)} prompt tokens); greedy {greedy} vs transformers {ref_greedy}")
         if kind == "clip" and build == "stock":
             assert diff > 10 * LOGIT_TOL        # the class-token bug reaches the logits
@@ -199,8 +205,8 @@ def test_plain_language_model_matches_transformers(work, base):
 def test_llama_mtmd_cli_runs_the_pair(llava, work):
     """The user-facing command: runs with --jinja (the built-in template is not one llama.cpp recognises)."""
     from PIL import Image
-    kind, src, out = llava
-    image = work / f"image-{kind}.png"
+    kind, lm, src, out = llava
+    image = work / f"image-{kind}-{lm}.png"
     Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype(np.uint8)).save(image)
     r = subprocess.run([tool("cls-fix", "llama-mtmd-cli"), "-m", str(out / "model-f32.gguf"), "--mmproj",
                         str(out / "mmproj-f32.gguf"), "--image", str(image), "-p", "describe the image", "-n", "4",
