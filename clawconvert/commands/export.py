@@ -36,7 +36,8 @@ target's own runtime or reader before it is put in place; nothing is written on 
 --to gguf   an HF causal LM (llama, mistral, qwen2, as merge-lora writes them) or an HF
             LLaVA with a CLIP or SigLIP tower, for llama.cpp.
               DST/model-<type>.gguf      the language model, tokenizer included (SentencePiece
-                                         tokenizer.model, or byte-level BPE tokenizer.json)
+                                         tokenizer.model, or a byte-fallback or byte-level BPE
+                                         tokenizer.json; added tokens such as <image> keep their ids)
               DST/mmproj-<type>.gguf     LLaVA only: vision tower + projector (clip.* metadata:
                                          projector type mlp, feature layer, image mean / std,
                                          patch and image size, activation)
@@ -45,7 +46,10 @@ target's own runtime or reader before it is put in place; nothing is written on 
             own converter does).  Tensors stream one at a time from the safetensors headers;
             the files are read back with the gguf reader before they are put in place.
             Run with llama.cpp:  llama-mtmd-cli -m DST/model-f16.gguf --mmproj DST/mmproj-f16.gguf
-                                 --image photo.jpg -p "describe the image" --jinja"""
+                                 --image photo.jpg -p "describe the image" --jinja
+            CLIP LLaVAs: stock llama.cpp puts the class token after the patches
+            (ggml-org/llama.cpp#25814), which breaks every CLIP LLaVA; run a llama.cpp with the
+            fix (PR #25844; tools/build_llama_cpp.sh builds one).  SigLIP LLaVAs run on stock."""
 
 EPILOG = """\
 examples:

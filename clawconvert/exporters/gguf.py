@@ -327,6 +327,9 @@ class MmprojPlan:
         }
         if hidden_act not in GELU + ("quick_gelu",):
             raise ClawError(f"{directory}: vision hidden_act '{hidden_act}' has no clip.cpp equivalent")
+        if family == "clip":
+            notes.append("CLIP tower: stock llama.cpp puts the class token after the patches (ggml-org/llama.cpp#25814) "
+                         "and gets every CLIP LLaVA wrong; run a build with the fix (PR #25844)")
         if family == "clip" and feature != layers:
             notes.append(f"mmproj holds the tower's first {feature} of {layers} layers (vision_feature_layer "
                          f"{config['vision_feature_layer']})")
@@ -440,19 +443,3 @@ def _check(path: Path, tensors: list[Planned], required: list[str]) -> None:
 def _gguf_version() -> str:
     from importlib.metadata import version
     return version("gguf")
-
-
-def describe(path: Path) -> dict[str, Any]:
-    """Tensors and metadata of a GGUF file, as gguf-py reads them (for tests and ``inspect``-like use)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    meta = {}
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        meta[name] = f.contents()
-    return {"tensors": {t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors},
-            "metadata": meta}
-
-

@@ -19,7 +19,6 @@ and the chat template are read by gguf-py's own ``SpecialVocab``.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,11 +195,3 @@ def add_to_writer(writer: Any, vocab: Vocab, directory: Path) -> dict[str, Any]:
     return {"origin": vocab.origin, "model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens),
             "special_token_ids": dict(special.special_token_ids), "add_special_token": dict(special.add_special_token),
             "chat_template": special.chat_template is not None}
-
-
-def chat_template_of(directory: Path) -> str | None:
-    """The chat template gguf-py's SpecialVocab finds (tokenizer_config.json, chat_template.jinja / .json)."""
-    import gguf
-
-    template = gguf.SpecialVocab(str(directory), load_merges=False).chat_template
-    return template if isinstance(template, str) else (json.dumps(template) if template else None)
