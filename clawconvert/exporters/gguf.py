@@ -1,6 +1,6 @@
 """``export --to gguf``: an HF causal LM or LLaVA as GGUF files for llama.cpp.
 
-* A causal LM (llama, mistral, qwen2: ``mappings/causal_lm/gguf_architectures.yaml``) becomes
+* A causal LM (llama, mistral, qwen2: ``mappings/gguf_architectures.yaml``) becomes
   ``DST/model-<type>.gguf``: the tensors through ``mappings/causal_lm/gguf.yaml`` (with the
   q/k row order llama.cpp's llama graph needs), the hyperparameters through the architecture
   table, and the tokenizer as llama.cpp's converter writes it (:mod:`.gguf_vocab`).
@@ -173,7 +173,7 @@ def llava_parts(path: Path) -> tuple[TensorStore, TensorStore, TensorStore]:
 
 @lru_cache(maxsize=None)
 def _architectures() -> dict:
-    return yaml.safe_load((mappings_root() / "causal_lm" / "gguf_architectures.yaml").read_text())
+    return yaml.safe_load((mappings_root() / "gguf_architectures.yaml").read_text())
 
 
 def _field(config: dict, dotted: str) -> Any:
