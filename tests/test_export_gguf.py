@@ -234,3 +234,30 @@ def test_refusals_write_nothing(llava_clip, llava_siglip, work, cli):
     r = cli("export", llava_siglip, llava_siglip / "inside", "--to", "gguf")
     assert_one_line_error(r, "destination is the source or inside it")
     assert not (work / "never").exists()
+
+
+def test_gguf_export_imports_no_framework(llama, work):
+    """The export reads configs and tokenizers as data: torch and transformers stay out of the process."""
+    import subprocess
+    import sys
+    code = ("import sys; from clawconvert.cli import main; "
+            f"rc = main(['export', {str(llama)!r}, {str(work / 'lean-gguf')!r}, '--to', 'gguf']); "
+            "bad = [m for m in ('torch', 'transformers', 'open_clip', 'timm') if m in sys.modules]; "
+            "print(rc, bad); sys.exit(rc or bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+
+def test_architecture_defaults_are_transformers_defaults():
+    """mappings/gguf_architectures.yaml's defaults, against the installed config classes."""
+    from clawconvert.exporters.gguf import _architectures
+    classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "llava": transformers.LlavaConfig}
+    for model_type, fields in _architectures()["defaults"].items():
+        config = classes[model_type]()
+        for key, value in fields.items():
+            got = getattr(config, key, None)
+            if got is None and key == "rope_theta":
+                got = config.rope_parameters["rope_theta"]
+            assert got == value, (model_type, key, got, value)
+    assert set(_architectures()["architectures"]) <= set(classes)

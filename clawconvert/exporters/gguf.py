@@ -111,19 +111,32 @@ def export(src: str | Path, dst: str | Path, *, outtype: str = "f16", overwrite:
 # reading the source
 # ------------------------------------------------------------------------------------
 def _full_config(path: Path) -> dict:
-    """config.json with transformers' defaults filled in (files often omit the fields left at default)."""
-    from transformers import AutoConfig
+    """config.json with transformers' defaults filled in for the fields the export reads.
 
-    from ..verify import quiet
+    Files leave out fields at their defaults; the defaults are data (the language models':
+    ``mappings/gguf_architectures.yaml``, the vision towers': :mod:`clawconvert.hfconfig`),
+    so no framework is imported.
+    """
+    from ..hfconfig import from_dict
+
     raw = read_json_file(path / "config.json", "model config")
-    try:
-        with quiet():
-            config = AutoConfig.from_pretrained(str(path)).to_dict()
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-        raise ClawError(f"{path}: transformers cannot read its config.json ({first})") from e
-    config["model_type"] = raw.get("model_type", config.get("model_type"))
-    return config
+    if not isinstance(raw, dict):
+        raise ClawError(f"{path / 'config.json'}: not a JSON object")
+    defaults = _architectures()["defaults"]
+
+    def text(config: dict) -> dict:
+        return {**defaults.get(config.get("model_type"), {}), **config}
+    if raw.get("model_type") != "llava":
+        return text(raw)
+    vision = dict(raw.get("vision_config") or {})
+    vision.setdefault("model_type", "clip_vision_model")
+    if vision["model_type"] in VISION_FAMILIES:
+        try:
+            vision = from_dict(vision["model_type"], vision).to_dict()
+        except ValueError as e:
+            raise ClawError(f"{path / 'config.json'}: vision_config: {e}") from e
+    return {**defaults["llava"], **raw, "vision_config": vision,
+            "text_config": text({"model_type": "llama", **(raw.get("text_config") or {})})}
 
 
 def llava_parts(path: Path) -> tuple[TensorStore, TensorStore, TensorStore]:
