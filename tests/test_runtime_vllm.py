@@ -34,11 +34,14 @@ RUNNER = Path(__file__).with_name("vllm_runner.py")
 TOL = 1e-3
 TOP_K = 5
 LLAVA_PROMPT = "USER: <image>\ndescribe the image\nASSISTANT:"
+CHATML_PROMPT = "<|im_start|>user\n<image>describe the image<|im_end|>\n<|im_start|>assistant\n"
 
 CASES = {
     # name: (build(work) -> model dir, prompt, transformers class name)
     "llava-clip-llama": (lambda work: rm.llava(work, "clip"), LLAVA_PROMPT, "LlavaForConditionalGeneration"),
     "llava-siglip-llama": (lambda work: rm.llava(work, "siglip"), LLAVA_PROMPT, "LlavaForConditionalGeneration"),
+    "llava-clip-qwen2": (lambda work: rm.llava(work, "clip", rm.qwen2_base(work / "qwen2-base")), CHATML_PROMPT,
+                         "LlavaForConditionalGeneration"),
 }
 
 
