@@ -26,6 +26,11 @@ TARGETS=(llama-mtmd-cli llama-mtmd-debug clawconvert-llama-probe)
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
 have_all() { for t in "${TARGETS[@]}"; do [ -x "$1/bin/$t" ] || return 1; done; }
+# a changed tools/llama_probe.cpp is rebuilt (only the probe relinks)
+if [ -f "$ROOT/src/tools/mtmd/clawconvert-llama-probe.cpp" ] && \
+        ! cmp -s "$HERE/llama_probe.cpp" "$ROOT/src/tools/mtmd/clawconvert-llama-probe.cpp"; then
+    rm -f "$ROOT"/stock/bin/clawconvert-llama-probe "$ROOT"/cls-fix/bin/clawconvert-llama-probe
+fi
 if have_all "$ROOT/stock" && have_all "$ROOT/cls-fix"; then
     echo "llama.cpp tools already built in $ROOT"; exit 0
 fi
