@@ -214,3 +214,38 @@ def test_llama_mtmd_cli_runs_the_pair(llava, work):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "image decoded" in r.stderr or "encoding" in r.stderr
+
+
+@pytest.mark.parametrize("outtype, tol", [("f16", 1e-2), ("q8_0", 1e-1)])
+def test_f16_and_q8_0_files_run(outtype, tol, work, base):
+    """The smaller types on the fixed build: logits within the type's rounding (|logits| ~ 2 here), same greedy tokens."""
+    from PIL import Image
+    src = rm.llava(work / f"types-{outtype}", "clip", base)
+    out = work / f"gguf-{outtype}"
+    clawconvert.export(src, out, to="gguf", outtype=outtype)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(src).eval()
+    processor = transformers.AutoProcessor.from_pretrained(src)
+    pixels = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8)
+    rgb = work / f"image-{outtype}.rgb"
+    pixels.tofile(rgb)
+    r = subprocess.run([tool("cls-fix", "clawconvert-llama-probe"), str(out / f"model-{outtype}.gguf"),
+                        str(out / f"mmproj-{outtype}.gguf"), str(rgb), "32", "32", PROMPTS["llama"], str(N_GREEDY),
+                        str(work / f"logits-{outtype}.bin")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids, greedy = [], []
+    for line in r.stdout.splitlines():
+        kind, *rest = line.split()
+        values = [int(x) for x in rest]
+        if kind == "greedy":
+            greedy = values
+        else:
+            ids += values if kind == "text" else [model.config.image_token_index] * values[0]
+    pixel_values = processor.image_processor(images=Image.fromarray(pixels), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids]), pixel_values=pixel_values).logits[0, -1].numpy()
+        ref_greedy = model.generate(input_ids=torch.tensor([ids]), pixel_values=pixel_values, max_new_tokens=N_GREEDY,
+                                    do_sample=False)[0, len(ids):].tolist()
+    diff = float(np.abs(np.fromfile(work / f"logits-{outtype}.bin", dtype=np.float32) - ref).max())
+    print(f"clip-llama LLaVA {outtype}, llama.cpp {VERSION} cls-fix: first-token logits max |diff| {diff:.3g} "
+          f"(max |logit| {np.abs(ref).max():.3g}); greedy {greedy} vs transformers {ref_greedy}")
+    assert diff <= tol and greedy == ref_greedy
