@@ -169,3 +169,19 @@ def test_bad_input_and_failed_check_write_nothing(clip_dir, siglip_vision_dir, w
     r = cli("export", siglip_vision_dir, work / "never", "--to", "onnx", "--tower", "text")
     assert_one_line_error(r, "has no text tower")
     assert tree_hash(clip_dir) == before and not (work / "never").exists()
+
+
+def test_siglip_text_tower_from_full_model(work):
+    torch.manual_seed(2)
+    path = work / "siglip"
+    transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=TEXT)).eval().save_pretrained(path)
+    out = work / "siglip-text-onnx"
+    assert clawconvert.export(path, out, to="onnx", tower="text").source == "SiglipTextModel"
+    full = transformers.SiglipModel.from_pretrained(path).eval()
+    ids = torch.randint(0, TEXT["vocab_size"], (3, TEXT["max_position_embeddings"]), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = full.get_text_features(input_ids=ids)
+    ref = getattr(ref, "pooler_output", ref).numpy()
+    diff = float(np.abs(_run(out / "model.onnx", "input_ids", ids)["pooler_output"] - ref).max())
+    print(f"SigLIP text tower ONNX fp32 vs transformers SiglipModel.get_text_features: max |diff| {diff:.3g}")
+    assert diff <= FP32_TOL
