@@ -1,7 +1,7 @@
 """llama.cpp runs what export --to gguf writes, and matches transformers (CLAWCONVERT_SLOW=1).
 
 Needs the tools tools/build_llama_cpp.sh builds (about 10 minutes on 2 cores, cached in
-$CLAWCONVERT_RUNTIMES, default ~/.cache/clawconvert/runtimes):
+$CLAWCONVERT_RUNTIMES, default ~/.cache/clawconvert-runtimes):
 
 * ``llama-mtmd-debug`` encodes llama.cpp's built-in "rainbow" test image (raw pixel values)
   and dumps the image embeddings (MTMD_DEBUG_EMBEDDINGS=<file>); they are compared with
@@ -35,7 +35,7 @@ import runtime_models as rm  # noqa: E402
 import clawconvert  # noqa: E402
 
 VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
-ROOT = Path(os.environ.get("CLAWCONVERT_RUNTIMES", Path.home() / ".cache/clawconvert/runtimes")) / f"llama.cpp-{VERSION}"
+ROOT = Path(os.environ.get("CLAWCONVERT_RUNTIMES", Path.home() / ".cache/clawconvert-runtimes")) / f"llama.cpp-{VERSION}"
 EMBED_TOL = 1e-3          # image embeddings, f32 GGUF (llama.cpp's GELU is the tanh form; HF's projector uses erf)
 LOGIT_TOL = 5e-3          # first-token logits after 16 image tokens and a prompt
 N_GREEDY = 8

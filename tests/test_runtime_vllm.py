@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 import runtime_models as rm  # noqa: E402
 
 VENV = Path(os.environ.get("CLAWCONVERT_VLLM_VENV",
-                           Path(os.environ.get("CLAWCONVERT_RUNTIMES", Path.home() / ".cache/clawconvert/runtimes"))
+                           Path(os.environ.get("CLAWCONVERT_RUNTIMES", Path.home() / ".cache/clawconvert-runtimes"))
                            / "vllm-venv"))
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 TOL = 1e-3

