@@ -1,6 +1,6 @@
 """llama.cpp runs what export --to gguf writes, and matches transformers (CLAWCONVERT_SLOW=1).
 
-Needs the tools tools/build_llama_cpp.sh builds (about 10 minutes on 2 cores, cached in
+Needs the tools tools/build_llama_cpp.sh builds (about 15 minutes on 2 cores, cached in
 $CLAWCONVERT_RUNTIMES, default ~/.cache/clawconvert-runtimes):
 
 * ``llama-mtmd-debug`` encodes llama.cpp's built-in "rainbow" test image (raw pixel values)
@@ -46,7 +46,7 @@ PROMPTS = {"llama": "USER: <__media__>\ndescribe the image\nASSISTANT:",        
 def tool(build: str, name: str) -> str:
     path = ROOT / build / "bin" / name
     if not path.is_file():
-        pytest.fail(f"{path} missing: run tools/build_llama_cpp.sh first (about 10 minutes)")
+        pytest.fail(f"{path} missing: run tools/build_llama_cpp.sh first (about 15 minutes)")
     return str(path)
 
 

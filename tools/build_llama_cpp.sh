@@ -15,7 +15,7 @@
 # embedding AFTER the patches; the fix puts it first, where CLIP has it).  The patched build
 # reuses the stock build's objects, so only mtmd and the two tools are rebuilt.
 #
-# Takes about 10 minutes on 2 cores (static build, server/tests/examples off).
+# Takes about 15 minutes on 2 cores (static build, server/tests/examples off; the download is 77 MB).
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
