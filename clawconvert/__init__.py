@@ -15,7 +15,8 @@ from .errors import ClawError, VerificationFailed  # noqa: E402
 
 
 # API functions, imported on first use so that `import clawconvert` stays light
-_API = ("convert", "inspect", "verify", "extract_visual", "extract_text", "merge_lora", "push", "verify_manifest")
+_API = ("convert", "inspect", "verify", "extract_visual", "extract_text", "merge_lora", "push", "verify_manifest",
+        "export")
 
 
 def __getattr__(name: str):

@@ -282,6 +282,22 @@ def merge_lora(*args: Any, **kwargs: Any):
     return _merge_lora(*args, **kwargs)
 
 
+def export(src: str | Path, dst: str | Path, to: str, *, quantize: str | None = None, tower: str | None = None,
+           tolerance: float | None = None, opset: int | None = None, outtype: str | None = None,
+           src_format: str | None = None, model_name: str | None = None, model_config: str | Path | None = None,
+           unsafe_pickle: bool = False, overwrite: bool = False, progress: bool = False):
+    """Export for a runtime (``to``: onnx, gguf); see ``clawconvert export --help``.
+
+    ``onnx``: one tower (``tower``, ``quantize="int8"``, ``tolerance``, ``opset``, source options);
+    ``gguf``: an HF causal LM or LLaVA (``outtype``: f32, f16, bf16, q8_0).  Options of the other
+    target are refused.  Returns an :class:`~clawconvert.exporters.ExportResult`.
+    """
+    from .exporters import export as _export
+    return _export(src, dst, to, quantize=quantize, tower=tower, tolerance=tolerance, opset=opset, outtype=outtype,
+                   src_format=src_format, model_name=model_name, model_config=model_config,
+                   unsafe_pickle=unsafe_pickle, overwrite=overwrite, progress=progress)
+
+
 def verify_manifest(directory: str | Path):
     """Re-hash every file of an output against its ``clawconvert_manifest.json`` (``verify --manifest``)."""
     from .integrity import check_manifest
