@@ -140,46 +140,24 @@ def _full_config(path: Path) -> dict:
 
 
 def llava_parts(path: Path) -> tuple[TensorStore, TensorStore, TensorStore]:
-    """An HF LLaVA directory's tensors as three stores, named as their own tables expect.
+    """An HF LLaVA directory's tensors as three stores, named as their own tables expect: the
+    language model as ``model.*`` / ``lm_head.*``, the vision tower as ``vision_model.*``, the
+    projector as ``multi_modal_projector.*``.  Which prefixes the files use (llava-hf,
+    transformers 5, ...) is the llava architecture table's to say (``mappings/architectures/llava.yaml``)."""
+    from ..architectures import load_architecture, part_of
 
-    This is the one place that knows LLaVA file prefixes: the llava-hf layout
-    (``language_model.model.*``, ``language_model.lm_head.*``, ``vision_tower.vision_model.*``,
-    ``multi_modal_projector.*``) and the transformers-5 layout (``model.language_model.*``,
-    ``lm_head.*``, ``model.vision_tower.vision_model.*``, ``model.multi_modal_projector.*``).
-    Returns (language model as ``model.*`` / ``lm_head.*``, vision tower as ``vision_model.*``,
-    projector as ``multi_modal_projector.*``).
-    """
-    spellings = {  # part -> (file prefix, name in the part's table)
-        "lm": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-               ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
-        "vision": (("vision_tower.vision_model.", "vision_model."), ("model.vision_tower.vision_model.", "vision_model.")),
-        "projector": (("multi_modal_projector.", "multi_modal_projector."),
-                      ("model.multi_modal_projector.", "multi_modal_projector.")),
-    }
-
-    def renamer(part: str) -> Callable[[str], str | None]:
-        def rename(key: str) -> str | None:
-            for prefix, name in spellings[part]:
-                if key.startswith(prefix):
-                    return name + key[len(prefix):]
-            return None
-        return rename
-
-    stores = []
-    for part in ("lm", "vision", "projector"):
-        store = open_tensors(path)
-        store.rename(renamer(part))
-        if not len(store):
-            raise ClawError(f"{path}: LLaVA weights hold no {part} tensors under "
-                            f"{' or '.join(p for p, _ in spellings[part])}")
-        stores.append(store)
+    arch = load_architecture("llava")
     everything = open_tensors(path)
-    claimed = sum(len(s) for s in stores)
-    if claimed != len(everything):
-        known = tuple(p for ps in spellings.values() for p, _ in ps)
-        stray = sorted(k for k in everything.keys() if not k.startswith(known))
-        raise ClawError(f"{path}: {len(everything) - claimed} tensors belong to no LLaVA part (e.g. '{stray[0]}')",
-                        details=stray[1:])
+    layout = arch.detect_layout(everything.keys(), path)
+    names = {"lm": "", "vision": "", "connector": "multi_modal_projector."}
+    stores = []
+    for part in ("lm", "vision", "connector"):
+        store = open_tensors(path)
+        store.rename(lambda k, part=part: (names[part] + c.split("/", 1)[1]
+                                           if (c := layout.to_canonical(k)) and part_of(c) == part else None))
+        if not len(store):
+            raise ClawError(f"{path}: LLaVA weights hold no {part} tensors (layout {layout.name})")
+        stores.append(store)
     everything.close()
     return stores[0], stores[1], stores[2]
 

@@ -36,7 +36,8 @@ CHATML_TEMPLATE = (
 )
 PLAIN_TEMPLATE = (  # llava-1.5 style: "USER: <image>\n... ASSISTANT:"
     "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}{% elif message['role'] == 'system' %}"
+    "{{ 'SYSTEM: ' }}{% else %}{{ message['role'].upper() + ': ' }}"
     "{% endif %}" + _CONTENT.replace("{{ IMAGE }}", "{{ IMAGE + '\\n' }}") +
     "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
