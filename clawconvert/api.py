@@ -108,6 +108,9 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
     options = SourceOptions(format=src_format, model_name=model_name,
                             model_config=Path(model_config) if model_config else None, unsafe_pickle=unsafe_pickle)
     ckpt = open_checkpoint(src_path, options)
+    if verify:  # a missing framework fails here, in one line, before anything is converted
+        from .verify import need_runners
+        need_runners(ckpt.format, to)
     out_dtype = _dtype(dtype)
     plan, tables = plan_for(ckpt, target, out_dtype)
     shard = parse_size(max_shard_size)

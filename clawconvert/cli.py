@@ -94,6 +94,11 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except Exception as err:  # a bug: still one line, with a way to get the traceback
         if debug:
             traceback.print_exc()
+        from .deps import framework_missing, missing_message
+        missing = framework_missing(err)
+        if missing:  # an import site without its need() line: still one line naming the extra
+            print(f"clawconvert: error: {missing_message([missing], f'clawconvert {args.command}')}", file=sys.stderr)
+            return 2
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"clawconvert: internal error: {err.__class__.__name__}: {msg} "
               f"(re-run with --debug for the traceback, and please report it)", file=sys.stderr)

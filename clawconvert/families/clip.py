@@ -33,6 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..deps import installed, need
 from ..errors import ClawError
 from . import Extras, Family, FormatCodec, Shapes, custom_block_blockers
 
@@ -212,10 +213,8 @@ def write_preprocessor(out_dir: Path, image_size: int, preprocess: dict) -> list
 def open_clip_dir() -> Path:
     """open_clip's installed package directory, found without importing open_clip (torch)."""
     import importlib.util
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ClawError("open_clip is not installed: its BPE vocabulary and model configs are read from it")
-    return Path(list(spec.submodule_search_locations)[0])
+    need("open_clip", to="reading open_clip's built-in model configs and BPE vocabulary")
+    return Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0])
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -376,6 +375,9 @@ class ClipFamily(Family):
         if extras.tokenizer_dir is not None:
             return copy_tokenizer(extras.tokenizer_dir, out_dir)
         if config.text_config.vocab_size == CLIP_BPE_VOCAB and extras.tokenizer_note is None:
+            if not installed("open_clip"):  # the core install: the weights convert, the vocabulary is not here
+                return ["no tokenizer files written: the CLIP BPE vocabulary is read from open_clip, "
+                        "which is not installed (pip install 'clawconvert[verify]')"]
             write_clip_tokenizer(out_dir, config.text_config.max_position_embeddings)
             return []
         return [extras.tokenizer_note or "no tokenizer files written: the text vocabulary is not CLIP's BPE"]

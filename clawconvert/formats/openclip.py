@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..deps import need
 from ..errors import ClawError
 from ..families import Extras, Family, family_claiming
 from ..io.readers import READERS, open_tensors, read_json_file
@@ -56,6 +57,7 @@ def builtin_model_configs() -> dict[str, dict]:
 
 def builtin_model_config(name: str) -> dict:
     if ":" in name:  # hf-hub:ORG/REPO, local-dir:PATH: open_clip's own resolution
+        need("open_clip", to=f"--model-name {name}")
         import open_clip
         cfg = open_clip.get_model_config(name)
         names = open_clip.list_models()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from ..deps import need
 from ..errors import ClawError
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
@@ -72,6 +73,7 @@ def _effective_tie(base: Path, config: dict) -> bool:
         value = config.get("tie_word_embeddings", TIE_DEFAULTS[config["model_type"]])
         if isinstance(value, bool):
             return value
+    need("transformers", to=f"reading the tie_word_embeddings default of model type '{config.get('model_type')}'")
     from transformers import AutoConfig
 
     try:
@@ -253,6 +255,7 @@ class _Assembly:
 
     def __init__(self, base: Path, vision: Path, scratch: Path | None, image_token: str, feature_layer: int,
                  strategy: str | None, chat_template: str | Path | None, unsafe_pickle: bool):
+        need("transformers", to="--vision (LLaVA assembly: tokenizer, processor, config)")
         self.vision, self.vision_config = llava.vision_tower_source(vision, scratch, unsafe_pickle)
         self.vision_dir = self.vision.path.parent
         self.unsafe_pickle = unsafe_pickle
