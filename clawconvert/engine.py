@@ -5,7 +5,10 @@ source table, computes canonical shapes through the ops and compares them with t
 the family's framework model expects (built on the ``meta`` device from the config), then
 derives every target tensor through the target table.  It refuses to go on while any source
 tensor is unconsumed, any expected canonical tensor missing, any shape contradicting the
-config or any target tensor unproducible, and reports *all* such problems at once.
+config or any target tensor unproducible, and reports *all* such problems at once.  Shapes
+that contradict the config are diagnosed rather than listed: the sizes the weights give are
+inferred per config field (:func:`contradicted_fields`), and the first line names the fields
+that disagree.
 
 ``Plan.execute`` then reads each source tensor once, applies the source ops (load) and the
 target ops (save), casts, and hands each result to the writer.  Canonical tensors are kept
@@ -133,29 +136,107 @@ class Plan:
         return file, offset + span[0] * info.dtype.itemsize, span[1] * info.dtype.itemsize
 
 
+EXAMPLES = 3   # example lines under a diagnosis; --debug shows them all
+
+
 class Problems:
-    """Every problem found while planning, grouped by kind for a one-line summary."""
+    """Every problem found while planning, grouped by kind for a one-line summary.
+
+    A *diagnosis* (:meth:`diagnose`) says in one phrase what many problems have in common; it
+    leads the summary, and only a few of the problems it explains follow it unless ``--debug``."""
 
     def __init__(self) -> None:
         self.items: list[tuple[str, str]] = []
+        self.diagnoses: list[tuple[str, list[str]]] = []
 
     def append(self, kind: str, message: str) -> None:
         self.items.append((kind, message))
+
+    def diagnose(self, message: str, explained: list[str]) -> None:
+        self.diagnoses.append((message, explained))
 
     @property
     def messages(self) -> list[str]:
         return [m for _, m in self.items]
 
     def raise_if_any(self, what: str) -> None:
-        if not self.items:
+        if not self.items and not self.diagnoses:
             return
         kinds = Counter(k for k, _ in self.items)
         first = {}
         for k, m in self.items:
             first.setdefault(k, m)
-        summary = "; ".join(f"{n} {k}{'s' if n > 1 and not k.endswith('config') else ''}" + (f" (e.g. {first[k]})" if n > 1 else f": {first[k]}")
-                            for k, n in kinds.items())
-        raise ClawError(f"{what}: {summary}", details=self.messages if len(self.items) > 1 else [])
+        summary = "; ".join([m for m, _ in self.diagnoses] + [
+            f"{n} {k}{'s' if n > 1 and not k.endswith('config') else ''}" + (f" (e.g. {first[k]})" if n > 1 else f": {first[k]}")
+            for k, n in kinds.items()])
+        explained = [line for _, lines in self.diagnoses for line in lines]
+        details = self.messages if len(self.items) > 1 or self.diagnoses else []
+        if len(explained) > EXAMPLES:
+            shown = explained[:EXAMPLES] + [f"... and {len(explained) - EXAMPLES} more tensors like these "
+                                            f"(--debug lists them all)"]
+        else:
+            shown = explained
+        raise ClawError(f"{what}: {summary}", details=shown + details,
+                        debug_details=explained + details if len(explained) > EXAMPLES else None)
+
+
+def contradicted_fields(shapes: Iterable[tuple[str, Shape, Shape]]) -> dict[str, tuple[int, int, list[str]]]:
+    """The config fields the weights disagree with: ``{field: (configured, inferred, tensors)}``.
+
+    ``shapes`` are ``(tensor, shape in the weights, shape the config expects)`` for every tensor
+    checked.  The expected shapes come from a labelled config (:func:`clawconvert.hfconfig.labelled`):
+    a size that *is* a config field names it.  Every tensor votes, for each such size, for the
+    size its weights give that field; a field is contradicted when more tensors give another
+    size than the configured one (a lone odd tensor is that tensor's problem, not the config's).
+    ``tensors`` are those whose weights give the inferred size where the config says otherwise."""
+    votes: dict[str, dict[int, list[str]]] = {}
+    configured: dict[str, int] = {}
+    for name, shape, expected in shapes:
+        if len(shape) != len(expected):
+            continue
+        for got, want in zip(shape, expected):
+            field_name = getattr(want, "field", None)
+            if field_name is not None:
+                tensors = votes.setdefault(field_name, {}).setdefault(int(got), [])
+                if name not in tensors:
+                    tensors.append(name)
+                configured[field_name] = int(want)
+    out = {}
+    for field_name, by_size in votes.items():
+        agree = len(by_size.get(configured[field_name], []))
+        size, tensors = max(by_size.items(), key=lambda kv: len(kv[1]))
+        if size != configured[field_name] and len(tensors) > agree:
+            out[field_name] = (configured[field_name], size, tensors)
+    return out
+
+
+# a diagnosis: the corrections in the canonical config's fields -> (field as the user's config
+# spells it, configured value, value the weights give, tensors) for the first line
+Explain = Callable[[dict[str, tuple[int, int, list[str]]]], list[tuple[str, object, object, list[str]]]]
+
+
+def _canonical_names(fields: dict[str, tuple[int, int, list[str]]]) -> list[tuple[str, object, object, list[str]]]:
+    return [(f, cfg, got, tensors) for f, (cfg, got, tensors) in fields.items()]
+
+
+def _diagnose_shapes(problems: Problems, checked: list[tuple[str, Shape, Shape]],
+                     contradictions: list[tuple[str, Shape, Shape, str]], explain: Explain | None) -> None:
+    """One diagnosis naming the config fields the weights contradict; the rest stay problems."""
+    fields = contradicted_fields(checked)
+
+    def explained(shape: Shape, expected: Shape) -> bool:
+        return len(shape) == len(expected) and all(
+            got == want or (getattr(want, "field", None) in fields and got == fields[want.field][1])
+            for got, want in zip(shape, expected))
+
+    rest = [c for c in contradictions if not fields or not explained(c[1], c[2])]
+    if len(rest) < len(contradictions):
+        named = (explain or _canonical_names)(fields) or _canonical_names(fields)
+        message = "; ".join(f"{f} is {cfg} but the weights say {got} ({len(t)} tensor{'s' if len(t) != 1 else ''})"
+                            for f, cfg, got, t in named)
+        problems.diagnose(message, [c[3] for c in contradictions if c not in rest])
+    for *_, message in rest:
+        problems.append("shape contradicts the config", message)
 
 
 def _float_dtype(source: TensorStore) -> DType:
@@ -171,12 +252,14 @@ def _numel(shape: Shape) -> int:
 
 def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
                     expected: dict[str, Shape], dtype: DType | None = None,
-                    ignore_canonical: Iterable[str] = ()) -> Plan:
+                    ignore_canonical: Iterable[str] = (), explain: Explain | None = None) -> Plan:
     """Check coverage and shapes from headers only; raise one ClawError listing every problem.
 
     ``expected`` maps each canonical key the target needs to its shape (from the family's
-    framework model); ``ignore_canonical`` names canonical keys the caller deliberately
-    leaves out (tower extraction keeps one tower).
+    framework model; computed from a labelled config, its sizes name their config fields);
+    ``ignore_canonical`` names canonical keys the caller deliberately leaves out (tower
+    extraction keeps one tower); ``explain`` spells a diagnosis in the source's own config
+    fields (default: the canonical config's).
     """
     problems = Problems()
     ignore = set(ignore_canonical)
@@ -216,15 +299,22 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
             canonical_shapes[name] = shape
             # a constant (no format tensor) takes the checkpoint's floating dtype
             canonical_dtypes[name] = source.info(rule.format[0]).dtype if rule.format else _float_dtype(source)
+    checked: list[tuple[str, Shape, Shape]] = []
+    contradictions: list[tuple[str, Shape, Shape, str]] = []
     for name, shape in canonical_shapes.items():
         if name in ignore:
             continue
         if name not in expected:
             problems.append("unexpected tensor", f"'{name}' is produced by {src.by_canonical[name].origin} but the model config has no such tensor")
-        elif tuple(expected[name]) != tuple(shape):
+            continue
+        checked.append((name, tuple(shape), tuple(expected[name])))
+        if tuple(expected[name]) != tuple(shape):
             origin = src.by_canonical[name]
-            problems.append("shape contradicts the config", f"shape contradicts the config: {', '.join(origin.format)} gives '{name}' {shape}, "
-                            f"the config expects {tuple(expected[name])}")
+            contradictions.append((name, tuple(shape), tuple(expected[name]),
+                                   f"shape contradicts the config: {', '.join(origin.format)} gives '{name}' {shape}, "
+                                   f"the config expects {tuple(expected[name])}"))
+    if contradictions:
+        _diagnose_shapes(problems, checked, contradictions, explain)
     for name in expected:
         if name not in canonical_shapes and name not in ignore:
             rule = src.by_canonical.get(name)

@@ -6,6 +6,7 @@ config *means* is the family's job (:mod:`clawconvert.families`).
 """
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -66,10 +67,88 @@ class Format:
         """Write config/preprocessing/tokenizer files; return notes for the user."""
         raise NotImplementedError
 
+    def config_fields(self, family: Family, config: Any) -> dict[str, Any]:
+        """The config as this format spells it, flat (``vision_config.hidden_size``): the fields a
+        diagnosis names (default: transformers' ``config.json``)."""
+        return flatten(config.to_dict())
+
+    def config_from_fields(self, family: Family, fields: dict[str, Any]) -> Any:
+        """The canonical config back from :meth:`config_fields`' form."""
+        return family.config_from_dict(unflatten(fields))
+
     def writer(self, out_dir: Path, plan: list, max_shard_size: int, metadata: dict | None = None):
         from ..io.writers import SafetensorsWriter
         return SafetensorsWriter(out_dir, plan, max_shard_size=max_shard_size, basename=self.weights_name,
                                  metadata=metadata)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """``{"a.b.c": value}`` -> nested dicts (the inverse of :func:`flatten`)."""
+    out: dict = {}
+    for key, value in flat.items():
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _field(config: Any, name: str) -> Any:
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def config_diagnosis(fmt: Format, family: Family, config: Any):
+    """An ``explain`` hook for :func:`clawconvert.engine.plan_conversion`: the corrections inferred
+    in the canonical config's fields, spelled in the fields of ``fmt``'s own config.
+
+    The config is corrected and written in ``fmt``'s form; of the fields that change, the ones
+    named are those the weights need changed: a change that can be undone with the corrected
+    config read back unchanged is undone (OpenCLIP: a wrong ``vision_cfg.width`` shows in
+    transformers' terms as ``hidden_size`` and ``intermediate_size``, and keeps its
+    ``head_width``).  Each named field counts the tensors of the corrections it carries.
+    Returns [] when the format cannot spell the corrections."""
+    def explain(fields: dict[str, tuple[int, int, list[str]]]) -> list[tuple[str, Any, Any, list[str]]]:
+        fixed = copy.deepcopy(config)
+        for name, (_, size, _) in fields.items():
+            *path, leaf = name.split(".")
+            setattr(_field(fixed, ".".join(path)) if path else fixed, leaf, size)
+        try:
+            before, after = fmt.config_fields(family, config), fmt.config_fields(family, fixed)
+        except Exception:  # a correction the format cannot represent: the canonical names then
+            return []
+
+        def still_wrong(flat: dict[str, Any]) -> list[str]:
+            try:
+                back = fmt.config_from_fields(family, flat)
+                return [f for f, (_, size, _) in fields.items() if _field(back, f) != size]
+            except Exception:
+                return list(fields)
+
+        named = []
+        for key in [k for k in after if after[k] != before.get(k)]:
+            undone = {**after, key: before.get(key)}
+            wrong = still_wrong(undone)
+            if wrong:
+                named.append((key, before.get(key), after[key],
+                              list(dict.fromkeys(t for f in wrong for t in fields[f][2]))))
+            else:
+                after = undone   # the weights do not need this one changed
+        return named
+    return explain
 
 
 @lru_cache(maxsize=None)
