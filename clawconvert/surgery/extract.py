@@ -322,6 +322,7 @@ def verify_tower(ckpt: Checkpoint, options: SourceOptions, out: Path, tower: str
     from ..api import _dtype, convert
     from ..verify import compare, default_tolerance, need_runners, sample_inputs
     need_runners(ckpt.format, "hf" if to == "timm" else to)
+
     ref_fmt = "hf" if to == "timm" else to
     figures: dict[str, Any] = {}
     full = ckpt
