@@ -72,3 +72,24 @@ def test_ml_dtypes_is_imported_only_for_bfloat16_or_float8(tmp_path):
     assert not _imports_ml_dtypes("inspect", FIX / "openclip_tiny")
     assert not _imports_ml_dtypes("convert", FIX / "openclip_tiny", tmp_path / "fp16", "--to", "hf", "--dtype", "fp16")
     assert _imports_ml_dtypes("convert", FIX / "openclip_tiny", tmp_path / "bf16", "--to", "hf", "--dtype", "bf16")
+
+
+def test_clip_bpe_files_are_built_once_and_equal_a_fresh_build(tmp_path, monkeypatch):
+    from clawconvert.families.clip import BPE_FILES, build_clip_bpe_files, write_clip_tokenizer
+
+    fresh, first, second, uncached = (tmp_path / n for n in ("fresh", "first", "second", "uncached"))
+    for d in (fresh, first, second, uncached):
+        d.mkdir()
+    build_clip_bpe_files(fresh)
+    monkeypatch.setenv("CLAWCONVERT_CACHE", str(tmp_path / "cache"))
+    write_clip_tokenizer(first, 77)
+    assert [p.name for p in (tmp_path / "cache").iterdir()][0].startswith("clip-bpe-")
+    start = time.perf_counter()
+    write_clip_tokenizer(second, 77)
+    assert time.perf_counter() - start < 0.1   # copies, no build (about 0.2 s)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("CLAWCONVERT_CACHE", str(tmp_path / "not-a-folder"))   # unwritable: built in place
+    write_clip_tokenizer(uncached, 77)
+    for name in BPE_FILES:
+        want = (fresh / name).read_bytes()
+        assert all((d / name).read_bytes() == want for d in (first, second, uncached)), name
