@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .diagnosis import config_diagnosis
 from .engine import Plan, plan_conversion
 from .errors import ClawError, VerificationFailed
-from .formats import (Checkpoint, Format, SourceOptions, all_formats, config_diagnosis, get_format,
-                      open_checkpoint)
+from .formats import Checkpoint, Format, SourceOptions, all_formats, get_format, open_checkpoint
 from .hfconfig import labelled
 from .io.atomic import atomic_output_dir, atomic_output_file
 from .io.dtypes import CLI_DTYPES, DType, dtype_of

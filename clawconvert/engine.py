@@ -7,7 +7,7 @@ derives every target tensor through the target table.  It refuses to go on while
 tensor is unconsumed, any expected canonical tensor missing, any shape contradicting the
 config or any target tensor unproducible, and reports *all* such problems at once.  Shapes
 that contradict the config are diagnosed rather than listed: the sizes the weights give are
-inferred per config field (:func:`contradicted_fields`), and the first line names the fields
+inferred per config field (:mod:`clawconvert.diagnosis`), and the first line names the fields
 that disagree.
 
 ``Plan.execute`` then reads each source tensor once, applies the source ops (load) and the
@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from .diagnosis import Explain, diagnose_shapes
 from .errors import ClawError
 from .io.dtypes import DType, cast, float32, output_dtype
 from .io.pipeline import write_pipelined
@@ -180,65 +181,6 @@ class Problems:
                         debug_details=explained + details if len(explained) > EXAMPLES else None)
 
 
-def contradicted_fields(shapes: Iterable[tuple[str, Shape, Shape]]) -> dict[str, tuple[int, int, list[str]]]:
-    """The config fields the weights disagree with: ``{field: (configured, inferred, tensors)}``.
-
-    ``shapes`` are ``(tensor, shape in the weights, shape the config expects)`` for every tensor
-    checked.  The expected shapes come from a labelled config (:func:`clawconvert.hfconfig.labelled`):
-    a size that *is* a config field names it.  Every tensor votes, for each such size, for the
-    size its weights give that field; a field is contradicted when more tensors give another
-    size than the configured one (a lone odd tensor is that tensor's problem, not the config's).
-    ``tensors`` are those whose weights give the inferred size where the config says otherwise."""
-    votes: dict[str, dict[int, list[str]]] = {}
-    configured: dict[str, int] = {}
-    for name, shape, expected in shapes:
-        if len(shape) != len(expected):
-            continue
-        for got, want in zip(shape, expected):
-            field_name = getattr(want, "field", None)
-            if field_name is not None:
-                tensors = votes.setdefault(field_name, {}).setdefault(int(got), [])
-                if name not in tensors:
-                    tensors.append(name)
-                configured[field_name] = int(want)
-    out = {}
-    for field_name, by_size in votes.items():
-        agree = len(by_size.get(configured[field_name], []))
-        size, tensors = max(by_size.items(), key=lambda kv: len(kv[1]))
-        if size != configured[field_name] and len(tensors) > agree:
-            out[field_name] = (configured[field_name], size, tensors)
-    return out
-
-
-# a diagnosis: the corrections in the canonical config's fields -> (field as the user's config
-# spells it, configured value, value the weights give, tensors) for the first line
-Explain = Callable[[dict[str, tuple[int, int, list[str]]]], list[tuple[str, object, object, list[str]]]]
-
-
-def _canonical_names(fields: dict[str, tuple[int, int, list[str]]]) -> list[tuple[str, object, object, list[str]]]:
-    return [(f, cfg, got, tensors) for f, (cfg, got, tensors) in fields.items()]
-
-
-def _diagnose_shapes(problems: Problems, checked: list[tuple[str, Shape, Shape]],
-                     contradictions: list[tuple[str, Shape, Shape, str]], explain: Explain | None) -> None:
-    """One diagnosis naming the config fields the weights contradict; the rest stay problems."""
-    fields = contradicted_fields(checked)
-
-    def explained(shape: Shape, expected: Shape) -> bool:
-        return len(shape) == len(expected) and all(
-            got == want or (getattr(want, "field", None) in fields and got == fields[want.field][1])
-            for got, want in zip(shape, expected))
-
-    rest = [c for c in contradictions if not fields or not explained(c[1], c[2])]
-    if len(rest) < len(contradictions):
-        named = (explain or _canonical_names)(fields) or _canonical_names(fields)
-        message = "; ".join(f"{f} is {cfg} but the weights say {got} ({len(t)} tensor{'s' if len(t) != 1 else ''})"
-                            for f, cfg, got, t in named)
-        problems.diagnose(message, [c[3] for c in contradictions if c not in rest])
-    for *_, message in rest:
-        problems.append("shape contradicts the config", message)
-
-
 def _float_dtype(source: TensorStore) -> DType:
     return next((i.dtype for i in source.infos().values() if i.dtype.is_floating_point), float32)
 
@@ -314,7 +256,11 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
                                    f"shape contradicts the config: {', '.join(origin.format)} gives '{name}' {shape}, "
                                    f"the config expects {tuple(expected[name])}"))
     if contradictions:
-        _diagnose_shapes(problems, checked, contradictions, explain)
+        message, explained, rest = diagnose_shapes(checked, contradictions, explain)
+        if message:
+            problems.diagnose(message, explained)
+        for line in rest:
+            problems.append("shape contradicts the config", line)
     for name in expected:
         if name not in canonical_shapes and name not in ignore:
             rule = src.by_canonical.get(name)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from clawconvert.engine import EXAMPLES, contradicted_fields
+from clawconvert.diagnosis import contradicted_fields
+from clawconvert.engine import EXAMPLES
 from clawconvert.hfconfig import Field
 from conftest import assert_one_line_error
 

@@ -6,7 +6,6 @@ config *means* is the family's job (:mod:`clawconvert.families`).
 """
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -103,52 +102,6 @@ def unflatten(flat: dict[str, Any]) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return out
-
-
-def _field(config: Any, name: str) -> Any:
-    for part in name.split("."):
-        config = getattr(config, part)
-    return config
-
-
-def config_diagnosis(fmt: Format, family: Family, config: Any):
-    """An ``explain`` hook for :func:`clawconvert.engine.plan_conversion`: the corrections inferred
-    in the canonical config's fields, spelled in the fields of ``fmt``'s own config.
-
-    The config is corrected and written in ``fmt``'s form; of the fields that change, the ones
-    named are those the weights need changed: a change that can be undone with the corrected
-    config read back unchanged is undone (OpenCLIP: a wrong ``vision_cfg.width`` shows in
-    transformers' terms as ``hidden_size`` and ``intermediate_size``, and keeps its
-    ``head_width``).  Each named field counts the tensors of the corrections it carries.
-    Returns [] when the format cannot spell the corrections."""
-    def explain(fields: dict[str, tuple[int, int, list[str]]]) -> list[tuple[str, Any, Any, list[str]]]:
-        fixed = copy.deepcopy(config)
-        for name, (_, size, _) in fields.items():
-            *path, leaf = name.split(".")
-            setattr(_field(fixed, ".".join(path)) if path else fixed, leaf, size)
-        try:
-            before, after = fmt.config_fields(family, config), fmt.config_fields(family, fixed)
-        except Exception:  # a correction the format cannot represent: the canonical names then
-            return []
-
-        def still_wrong(flat: dict[str, Any]) -> list[str]:
-            try:
-                back = fmt.config_from_fields(family, flat)
-                return [f for f, (_, size, _) in fields.items() if _field(back, f) != size]
-            except Exception:
-                return list(fields)
-
-        named = []
-        for key in [k for k in after if after[k] != before.get(k)]:
-            undone = {**after, key: before.get(key)}
-            wrong = still_wrong(undone)
-            if wrong:
-                named.append((key, before.get(key), after[key],
-                              list(dict.fromkeys(t for f in wrong for t in fields[f][2]))))
-            else:
-                after = undone   # the weights do not need this one changed
-        return named
-    return explain
 
 
 @lru_cache(maxsize=None)
