@@ -13,6 +13,13 @@ The targets are the issue's (issue 5), evaluated on medians of the same run:
              larger and the merge.  A peer that did not finish (OOM) counts as beaten on
              memory (its figure is a lower bound) and on time only when clawconvert's
              time is under a third of the time the peer had spent when it died.
+
+and issue 18's, on the same run:
+
+* T5 floors: ViT-L/14 OpenCLIP -> HF within 1.2x ``cp`` + fsync and within 2x plain ``cp``;
+* T6 merge:  merge-lora >= 10x faster and >= 20x lower peak RSS than PEFT;
+* T7 start-up: ``clawconvert inspect`` of the fixture <= 3x ``python -c "import numpy"``
+             (medians of alternating runs).
 """
 from __future__ import annotations
 
@@ -21,6 +28,9 @@ import sys
 from pathlib import Path
 
 T_FLAT, T_RSS_FRACTION, T_WALL_CP, T_PEER_TIME, T_PEER_RSS = 1.3, 0.15, 1.5, 3.0, 5.0
+# issue 18
+T18_CP_FSYNC, T18_CP, T18_MERGE_TIME, T18_MERGE_RSS, T18_STARTUP = 1.2, 2.0, 10.0, 20.0, 3.0
+STARTUP_BASE, STARTUP_CMD = "python -c 'import numpy'", "clawconvert inspect fixtures/openclip_tiny"
 
 
 def gib(n: int | None) -> str:
@@ -49,8 +59,51 @@ def _claw(size: dict) -> dict | None:
 
 
 def _cp(size: dict) -> dict | None:
+    """``cp`` + fsync: the floor."""
     found = _role(size, "floor")
     return found[0][1] if found else None
+
+
+def _cp_plain(size: dict) -> dict | None:
+    """Plain ``cp`` (page cache only)."""
+    found = _role(size, "reference")
+    return found[0][1] if found else None
+
+
+def _issue18_targets(data: dict, add) -> None:
+    for scen in data.get("scenarios", []):
+        for s in scen["sizes"]:
+            claw = _claw(s)
+            if not _ok(claw):
+                continue
+            cw, label = claw["median_wall_s"], f"{s['size']} ({gb(s['checkpoint_bytes'])})"
+            if scen["key"] == "openclip-hf" and s["size"] == "L14":
+                for floor, limit, what in ((_cp(s), T18_CP_FSYNC, "cp + fsync"), (_cp_plain(s), T18_CP, "plain cp")):
+                    if _ok(floor):
+                        ratio = cw / floor["median_wall_s"]
+                        add(f"T5 ViT-L/14 wall time <= {limit}x {what}", scen, s["size"], round(ratio, 3), limit,
+                            ratio <= limit, f"{label}: {secs(cw)} vs {what} {secs(floor['median_wall_s'])} = "
+                            f"{ratio:.2f}x (target <= {limit}x)", True)
+            if scen["key"] == "merge-lora":
+                for name, peer in _role(s, "peer"):
+                    if not _ok(peer):
+                        continue
+                    tr, rr = peer["median_wall_s"] / cw, peer["median_peak_rss_bytes"] / claw["median_peak_rss_bytes"]
+                    in_scope = s["size"] in set(scen.get("large_sizes", []))
+                    add(f"T6 merge-lora >= {T18_MERGE_TIME:.0f}x faster than PEFT", scen, s["size"], round(tr, 3),
+                        T18_MERGE_TIME, tr >= T18_MERGE_TIME, f"{label}: {secs(peer['median_wall_s'])} / {secs(cw)} "
+                        f"= {tr:.2f}x faster (target >= {T18_MERGE_TIME:.0f}x)", in_scope)
+                    add(f"T6 merge-lora >= {T18_MERGE_RSS:.0f}x lower peak RSS than PEFT", scen, s["size"],
+                        round(rr, 3), T18_MERGE_RSS, rr >= T18_MERGE_RSS,
+                        f"{label}: {gib(peer['median_peak_rss_bytes'])} / {gib(claw['median_peak_rss_bytes'])} = "
+                        f"{rr:.2f}x lower (target >= {T18_MERGE_RSS:.0f}x)", in_scope)
+    startup = data.get("startup") or {}
+    base, cmd = startup.get(STARTUP_BASE), startup.get(STARTUP_CMD)
+    if _ok(base) and _ok(cmd):
+        ratio = cmd["median_wall_s"] / base["median_wall_s"]
+        add(f"T7 start-up <= {T18_STARTUP:.0f}x import numpy", {"key": "start-up"}, "fixture", round(ratio, 3),
+            T18_STARTUP, ratio <= T18_STARTUP, f"{STARTUP_CMD}: {cmd['median_wall_s']:.3f} s vs {STARTUP_BASE} "
+            f"{base['median_wall_s']:.3f} s = {ratio:.2f}x (target <= {T18_STARTUP:.0f}x)", True)
 
 
 def evaluate_targets(data: dict) -> list[dict]:
@@ -126,6 +179,7 @@ def evaluate_targets(data: dict) -> list[dict]:
                 elif peer.get("status"):
                     add("T4 peer comparison", scen, s["size"], None, None, None,
                         f"{label} vs {short}: undetermined, the peer {peer['status']}", in_scope)
+    _issue18_targets(data, add)
     return out
 
 
@@ -161,13 +215,19 @@ def table(data: dict) -> str:
         for label, imp in (floor.get("imports") or {}).items():
             if _ok(imp):
                 lines.append(f"- {label}: {secs(imp['median_wall_s'])}, peak RSS {gib(imp['median_peak_rss_bytes'])}")
+    startup = data.get("startup") or {}
+    if all(_ok(startup.get(k)) for k in (STARTUP_BASE, STARTUP_CMD)):
+        b, c = startup[STARTUP_BASE], startup[STARTUP_CMD]
+        lines.append(f"\nStart-up, medians of {len(c['runs'])} alternating runs: `{STARTUP_CMD}` "
+                     f"{c['median_wall_s']:.3f} s ({gib(c['median_peak_rss_bytes'])}), `{STARTUP_BASE}` "
+                     f"{b['median_wall_s']:.3f} s: {c['median_wall_s'] / b['median_wall_s']:.2f}x.")
     for scen in data.get("scenarios", []):
         lines.append(f"\n### {scen['number']}. {scen['title']}\n")
-        lines.append("| size | checkpoint | tool | wall (median) | peak RSS (median) | RSS / checkpoint | wall / cp "
-                     "| tool / clawconvert: wall, RSS |")
-        lines.append("|---|---|---|---:|---:|---:|---:|---|")
+        lines.append("| size | checkpoint | tool | wall (median) | peak RSS (median) | RSS / checkpoint "
+                     "| wall / (cp + fsync) | wall / cp | tool / clawconvert: wall, RSS |")
+        lines.append("|---|---|---|---:|---:|---:|---:|---:|---|")
         for s in scen["sizes"]:
-            claw, cp = _claw(s), _cp(s)
+            claw, cp, cp_plain = _claw(s), _cp(s), _cp_plain(s)
             first = True
             for name, t in s["tools"].items():
                 head = f"{s['size']} | {s['arch']} {s['dtype']}, {gb(s['checkpoint_bytes'])}" if first else " | "
@@ -176,11 +236,13 @@ def table(data: dict) -> str:
                     extra = ""
                     if t.get("peak_rss_at_failure_bytes"):
                         extra = f" at {gib(t['peak_rss_at_failure_bytes'])}, {secs(t.get('wall_at_failure_s'))}"
-                    lines.append(f"| {head} | {name} | {t.get('status', 'not run')}{extra} | | | | |")
+                    lines.append(f"| {head} | {name} | {t.get('status', 'not run')}{extra} | | | | | |")
                     continue
                 w, r = t["median_wall_s"], t["median_peak_rss_bytes"]
                 frac = f"{r / s['checkpoint_bytes']:.0%}" if t["role"] in ("clawconvert", "peer") else ""
                 vs_cp = _row_ratio(w, cp.get("median_wall_s")) if _ok(cp) and t["role"] != "floor" else ""
+                vs_plain = (_row_ratio(w, cp_plain.get("median_wall_s"))
+                            if _ok(cp_plain) and t["role"] in ("clawconvert", "peer") else "")
                 vs = ""
                 if t["role"] == "peer" and _ok(claw):
                     vs = f"{_row_ratio(w, claw['median_wall_s'])} slower, {_row_ratio(r, claw['median_peak_rss_bytes'])} more RSS"
@@ -189,14 +251,14 @@ def table(data: dict) -> str:
                     bad = [x for x in t["runs"] if x["status"] != "ok"]
                     why = "; ".join(sorted({_short(x) for x in bad}))
                     partial = f" ({t['status'].removeprefix('ok (')[:-1]}; {len(bad)} failed: {why})"
-                lines.append(f"| {head} | {name}{partial} | {secs(w)} | {gib(r)} | {frac} | {vs_cp} | {vs} |")
+                lines.append(f"| {head} | {name}{partial} | {secs(w)} | {gib(r)} | {frac} | {vs_cp} | {vs_plain} | {vs} |")
         if scen.get("skipped"):
             for name, why in scen["skipped"].items():
                 lines.append(f"\n{name}: {why}.")
     targets = data.get("targets", [])
     if targets:
         scoped = [t for t in targets if t["in_scope"]]
-        lines.append("\n### Targets (issue 5)\n")
+        lines.append("\n### Targets (issues 5 and 18)\n")
         if not scoped:
             lines.append("No target applies to the sizes run (tiny shapes); figures for reference:")
         for t in scoped or targets:

@@ -58,6 +58,7 @@ SIZE_ORDER = ["tiny", "tiny2", "B32", "L14", "H14", "bigG"]
 DEFAULT_DTYPE = {"openclip": {"bigG": "fp16"}, "big_vision": {}, "llm-lora": {}, "vlm-lora": {}}
 KIND_DTYPE = {"openclip": "fp32", "big_vision": "fp32", "llm-lora": "bf16", "vlm-lora": "bf16"}
 FLOOR_SIZE = "tiny"   # clawconvert's own start-up footprint is measured on this checkpoint
+STARTUP_REPS = 7      # start-up (issue 18): `clawconvert inspect` on the fixture against `import numpy`
 IMPORT_FOOTPRINTS = (
     ("python, nothing imported", "pass"),
     ("python + numpy", "import numpy"),
@@ -275,6 +276,30 @@ class Bench:
         slot["imports"] = imports
         return slot
 
+    def run_startup(self) -> dict | None:
+        """Start-up (issue 18): ``clawconvert inspect fixtures/openclip_tiny`` against ``python -c
+        "import numpy"``, alternating, STARTUP_REPS times each; medians compared."""
+        if self.args.tiny or self.args.no_floor:
+            return None
+        log(f"\nstart-up: clawconvert inspect of the fixture against import numpy, {STARTUP_REPS} runs each")
+        tools = {"python -c 'import numpy'": [PY, "-c", "import numpy"],
+                 "clawconvert inspect fixtures/openclip_tiny": [PY, "-m", "clawconvert", "inspect",
+                                                               str(ROOT / "fixtures" / "openclip_tiny")]}
+        slots = {name: {"role": "reference", "argv": argv, "runs": []} for name, argv in tools.items()}
+        for r in range(STARTUP_REPS):
+            for name, argv in tools.items():
+                work = self.tmp / f"startup-r{r}"
+                work.mkdir(parents=True, exist_ok=True)
+                res = measure.run_measured(argv, work / "log.txt", cwd=ROOT, env=self.env, timeout=60,
+                                           mem_limit=self.mem_limit, min_available=self.min_available)
+                slots[name]["runs"].append({**res.to_json(), "rep": r})
+                shutil.rmtree(work, ignore_errors=True)
+        for name, slot in slots.items():
+            summarize(slot)
+            log(f"    {name:<45} {slot.get('median_wall_s', 0):.3f} s, "
+                f"peak RSS {slot.get('median_peak_rss_bytes', 0) / 2**20:.0f} MiB")
+        return slots
+
     # -- output ------------------------------------------------------------------------------
     def save(self) -> None:
         self.results_dir.mkdir(parents=True, exist_ok=True)
@@ -302,11 +327,14 @@ class Bench:
                          "as a wheel install does"},
             "machine": machine_info(),
             "clawconvert_floor": None,
+            "startup": None,
             "scenarios": [],
         }
         self.save()
         compile_package()
         self.data["clawconvert_floor"] = self.run_floor()
+        self.data["startup"] = self.run_startup()
+        self.save()
         for key in self.keys:
             self.run_scenario(BY_KEY[key])
             self.save()

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .diagnosis import config_diagnosis
 from .engine import Plan, plan_conversion
 from .errors import ClawError, VerificationFailed
 from .families import all_families
 from .formats import Checkpoint, Format, SourceOptions, all_formats, get_format, open_checkpoint
+from .hfconfig import labelled
 from .io.atomic import atomic_output_dir, atomic_output_file
 from .io.dtypes import CLI_DTYPES, DType, dtype_of
 from .io.pipeline import Background
@@ -69,7 +71,7 @@ def plan_for(ckpt: Checkpoint, target: Format, dtype: DType | None,
              ignore_canonical: Iterable[str] = (), target_table: str | None = None) -> tuple[Plan, list]:
     """Expand both tables for this checkpoint and plan the conversion (headers only)."""
     family, config = ckpt.family, ckpt.config
-    expected = family.canonical_shapes(config)
+    expected = family.canonical_shapes(labelled(config))   # sizes name the config fields they come from
     keys = list(expected)
     src_table = load_table(family.name, ckpt.format)
     try:  # the target format refuses configs it cannot represent, before anything is read
@@ -79,7 +81,8 @@ def plan_for(ckpt: Checkpoint, target: Format, dtype: DType | None,
     dst_table = load_table(family.name, target_table or target.name)
     src_exp = src_table.expand(ckpt.table_params(), keys)
     dst_exp = dst_table.expand(dst_params, keys)
-    plan = plan_conversion(ckpt.store, src_exp, dst_exp, expected, dtype, ignore_canonical)
+    plan = plan_conversion(ckpt.store, src_exp, dst_exp, expected, dtype, ignore_canonical,
+                           explain=config_diagnosis(get_format(ckpt.format), family, config))
     return plan, [src_table, dst_table]
 
 
@@ -131,6 +134,9 @@ def convert(src: str | Path, dst: str | Path, to: str, *, src_format: str | None
         return ConvertResult(r.destination, standalone_source(src_path).name, "hf", r.family, r.tensors, r.bytes,
                              r.files, r.notes, r.verification)
     ckpt = open_checkpoint(src_path, options)
+    if verify:  # a missing framework fails here, in one line, before anything is converted
+        from .verify import need_runners
+        need_runners(ckpt.format, to)
     out_dtype = _dtype(dtype)
     plan, tables = plan_for(ckpt, target, out_dtype)
     shard = parse_size(max_shard_size)

@@ -40,21 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clawconvert", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"clawconvert {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks and the full list of problems")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from . import commands
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: getattr(
             importlib.import_module(f"{commands.__name__}.{m.name}"), "ORDER", 100)):
         importlib.import_module(f"{commands.__name__}.{mod.name}").register(sub)
+    for command in sub.choices.values():  # `clawconvert convert ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show Python tracebacks and the full list of problems")
     return parser
 
 
-def _print_error(err: ClawError) -> None:
+def _print_error(err: ClawError, debug: bool = False) -> None:
     print(f"clawconvert: error: {err}", file=sys.stderr)
-    for line in err.details[:40]:
+    details = err.debug_details if debug and err.debug_details else err.details
+    limit = len(details) if debug else 40
+    for line in details[:limit]:
         print(f"  - {line}", file=sys.stderr)
-    if len(err.details) > 40:
-        print(f"  ... and {len(err.details) - 40} more", file=sys.stderr)
+    if len(details) > limit:
+        print(f"  ... and {len(details) - limit} more (--debug lists them all)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +88,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except ClawError as err:
         if debug:
             traceback.print_exc()
-        _print_error(err)
+        _print_error(err, debug)
         return err.exit_code
     except KeyboardInterrupt:
         print("clawconvert: interrupted; nothing was written", file=sys.stderr)
@@ -94,6 +99,11 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except Exception as err:  # a bug: still one line, with a way to get the traceback
         if debug:
             traceback.print_exc()
+        from .deps import framework_missing, missing_message
+        missing = framework_missing(err)
+        if missing:  # an import site without its need() line: still one line naming the extra
+            print(f"clawconvert: error: {missing_message([missing], f'clawconvert {args.command}')}", file=sys.stderr)
+            return 2
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"clawconvert: internal error: {err.__class__.__name__}: {msg} "
               f"(re-run with --debug for the traceback, and please report it)", file=sys.stderr)

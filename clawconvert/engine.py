@@ -5,7 +5,10 @@ source table, computes canonical shapes through the ops and compares them with t
 the family's framework model expects (built on the ``meta`` device from the config), then
 derives every target tensor through the target table.  It refuses to go on while any source
 tensor is unconsumed, any expected canonical tensor missing, any shape contradicting the
-config or any target tensor unproducible, and reports *all* such problems at once.
+config or any target tensor unproducible, and reports *all* such problems at once.  Shapes
+that contradict the config are diagnosed rather than listed: the sizes the weights give are
+inferred per config field (:mod:`clawconvert.diagnosis`), and the first line names the fields
+that disagree.
 
 ``Plan.execute`` then reads each source tensor once, applies the source ops (load) and the
 target ops (save), casts, and hands each result to the writer.  Canonical tensors are kept
@@ -19,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from .diagnosis import Explain, diagnose_shapes
 from .errors import ClawError
 from .io.dtypes import DType, cast, float32, output_dtype
 from .io.pipeline import write_pipelined
@@ -136,29 +140,48 @@ class Plan:
         return file, offset + span[0] * info.dtype.itemsize, span[1] * info.dtype.itemsize
 
 
+EXAMPLES = 3   # example lines under a diagnosis; --debug shows them all
+
+
 class Problems:
-    """Every problem found while planning, grouped by kind for a one-line summary."""
+    """Every problem found while planning, grouped by kind for a one-line summary.
+
+    A *diagnosis* (:meth:`diagnose`) says in one phrase what many problems have in common; it
+    leads the summary, and only a few of the problems it explains follow it unless ``--debug``."""
 
     def __init__(self) -> None:
         self.items: list[tuple[str, str]] = []
+        self.diagnoses: list[tuple[str, list[str]]] = []
 
     def append(self, kind: str, message: str) -> None:
         self.items.append((kind, message))
+
+    def diagnose(self, message: str, explained: list[str]) -> None:
+        self.diagnoses.append((message, explained))
 
     @property
     def messages(self) -> list[str]:
         return [m for _, m in self.items]
 
     def raise_if_any(self, what: str) -> None:
-        if not self.items:
+        if not self.items and not self.diagnoses:
             return
         kinds = Counter(k for k, _ in self.items)
         first = {}
         for k, m in self.items:
             first.setdefault(k, m)
-        summary = "; ".join(f"{n} {k}{'s' if n > 1 and not k.endswith('config') else ''}" + (f" (e.g. {first[k]})" if n > 1 else f": {first[k]}")
-                            for k, n in kinds.items())
-        raise ClawError(f"{what}: {summary}", details=self.messages if len(self.items) > 1 else [])
+        summary = "; ".join([m for m, _ in self.diagnoses] + [
+            f"{n} {k}{'s' if n > 1 and not k.endswith('config') else ''}" + (f" (e.g. {first[k]})" if n > 1 else f": {first[k]}")
+            for k, n in kinds.items()])
+        explained = [line for _, lines in self.diagnoses for line in lines]
+        details = self.messages if len(self.items) > 1 or self.diagnoses else []
+        if len(explained) > EXAMPLES:
+            shown = explained[:EXAMPLES] + [f"... and {len(explained) - EXAMPLES} more tensors like these "
+                                            f"(--debug lists them all)"]
+        else:
+            shown = explained
+        raise ClawError(f"{what}: {summary}", details=shown + details,
+                        debug_details=explained + details if len(explained) > EXAMPLES else None)
 
 
 def _float_dtype(source: TensorStore) -> DType:
@@ -174,12 +197,14 @@ def _numel(shape: Shape) -> int:
 
 def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
                     expected: dict[str, Shape], dtype: DType | None = None,
-                    ignore_canonical: Iterable[str] = ()) -> Plan:
+                    ignore_canonical: Iterable[str] = (), explain: Explain | None = None) -> Plan:
     """Check coverage and shapes from headers only; raise one ClawError listing every problem.
 
     ``expected`` maps each canonical key the target needs to its shape (from the family's
-    framework model); ``ignore_canonical`` names canonical keys the caller deliberately
-    leaves out (tower extraction keeps one tower).
+    framework model; computed from a labelled config, its sizes name their config fields);
+    ``ignore_canonical`` names canonical keys the caller deliberately leaves out (tower
+    extraction keeps one tower); ``explain`` spells a diagnosis in the source's own config
+    fields (default: the canonical config's).
     """
     problems = Problems()
     ignore = set(ignore_canonical)
@@ -219,15 +244,26 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
             canonical_shapes[name] = shape
             # a constant (no format tensor) takes the checkpoint's floating dtype
             canonical_dtypes[name] = source.info(rule.format[0]).dtype if rule.format else _float_dtype(source)
+    checked: list[tuple[str, Shape, Shape]] = []
+    contradictions: list[tuple[str, Shape, Shape, str]] = []
     for name, shape in canonical_shapes.items():
         if name in ignore:
             continue
         if name not in expected:
             problems.append("unexpected tensor", f"'{name}' is produced by {src.by_canonical[name].origin} but the model config has no such tensor")
-        elif tuple(expected[name]) != tuple(shape):
+            continue
+        checked.append((name, tuple(shape), tuple(expected[name])))
+        if tuple(expected[name]) != tuple(shape):
             origin = src.by_canonical[name]
-            problems.append("shape contradicts the config", f"shape contradicts the config: {', '.join(origin.format)} gives '{name}' {shape}, "
-                            f"the config expects {tuple(expected[name])}")
+            contradictions.append((name, tuple(shape), tuple(expected[name]),
+                                   f"shape contradicts the config: {', '.join(origin.format)} gives '{name}' {shape}, "
+                                   f"the config expects {tuple(expected[name])}"))
+    if contradictions:
+        message, explained, rest = diagnose_shapes(checked, contradictions, explain)
+        if message:
+            problems.diagnose(message, explained)
+        for line in rest:
+            problems.append("shape contradicts the config", line)
     for name in expected:
         if name not in canonical_shapes and name not in ignore:
             rule = src.by_canonical.get(name)

@@ -21,13 +21,15 @@ def one_line(text: str) -> str:
 
 
 class ClawError(Exception):
-    """A user-facing error: ``str(err)`` is one clear line; ``details`` are extra lines."""
+    """A user-facing error: ``str(err)`` is one clear line; ``details`` are a few extra lines,
+    ``debug_details`` the complete list the CLI prints instead under ``--debug``."""
 
     exit_code = 2
 
-    def __init__(self, message: str, details: list[str] | None = None):
+    def __init__(self, message: str, details: list[str] | None = None, debug_details: list[str] | None = None):
         super().__init__(one_line(message))
         self.details = [one_line(d) for d in (details or [])]
+        self.debug_details = [one_line(d) for d in (debug_details or [])]
 
 
 class VerificationFailed(ClawError):

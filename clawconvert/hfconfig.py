@@ -196,6 +196,38 @@ class HFConfig:
         return f"{self.schema.cls}-like {self.to_json_string()}"
 
 
+class Field(int):
+    """An integer config value that remembers its field (``vision_config.hidden_size``).
+
+    Shapes computed from a :func:`labelled` config carry it wherever a size *is* a field, so a
+    shape that contradicts the config says which field it contradicts; arithmetic on it
+    (``grid * grid + 1``) gives a plain int, a size no single field sets."""
+
+    field: str
+
+    def __new__(cls, value: int, field: str) -> "Field":
+        out = int.__new__(cls, value)
+        out.field = field
+        return out
+
+    __repr__ = int.__repr__
+    __str__ = int.__repr__
+
+
+def labelled(config: Any, prefix: str = "") -> Any:
+    """A copy of ``config`` whose integer fields are :class:`Field` values named by their path
+    (any other config comes back as it is)."""
+    if not isinstance(config, HFConfig):
+        return config
+    out = copy.copy(config)
+    for k, v in config.__dict__.items():
+        if isinstance(v, HFConfig):
+            out.__dict__[k] = labelled(v, f"{prefix}{k}.")
+        elif _is_int(v):
+            out.__dict__[k] = Field(v, f"{prefix}{k}")
+    return out
+
+
 def _field_error(model_type: str, key: str, kind: str, value: Any) -> ValueError:
     shown = json.dumps(value, default=str)[:60]
     want = {"int": "an integer", "float": "a float", "num": "a number", "str": "a string", "bool": "true or false",

@@ -28,6 +28,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +233,6 @@ def select_checkpoint_files(files: Iterable[str]) -> list[str]:
     Weights are taken in order of preference (safetensors, then big_vision npz, then pickles), so a
     repo that ships both ``model.safetensors`` and ``pytorch_model.bin`` downloads only the first.
     """
-    from fnmatch import fnmatch
-
     files = sorted(files)
     chosen = [f for f in files if any(fnmatch(f, p) for p in CONFIG_PATTERNS)]
     for patterns in WEIGHT_PATTERNS:
@@ -243,13 +242,108 @@ def select_checkpoint_files(files: Iterable[str]) -> list[str]:
     return chosen
 
 
-def _repo_files(api: Any, repo_id: str, commit: str) -> list[str]:
-    """File list of ``repo_id`` at ``commit``: from the cached tree when there is one, else the Hub."""
-    from huggingface_hub import get_cached_repo_tree
+def _hub_unreachable(err: BaseException) -> bool:
+    """Whether a Hub call failed because the Hub cannot be reached (offline mode, network, 5xx)."""
+    import httpx2
+    from huggingface_hub import errors as hf
 
-    with contextlib.suppress(Exception):
-        return [f.path for f in get_cached_repo_tree(repo_id, revision=commit)]
-    return api.list_repo_files(repo_id, revision=commit)
+    if isinstance(err, (hf.OfflineModeIsEnabled, hf.RevisionResolutionError, httpx2.TransportError)):
+        return not isinstance(err, httpx2.ProxyError)   # a misconfigured proxy is not an unreachable Hub
+    return isinstance(err, hf.HfHubHTTPError) and (_status(err) or 0) >= 500
+
+
+def _storage_folder(repo_id: str) -> Path:
+    """``models--org--name`` in the Hugging Face cache (``HF_HUB_CACHE``)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str:
+    """The commit ``revision`` names in the local cache, without the network: a sha as is, a branch
+    or tag from ``refs/``; a copy of the cache with no ``refs/`` and one snapshot: that snapshot."""
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH
+
+    rev = revision or "main"
+    if REGEX_COMMIT_HASH.fullmatch(rev):
+        return rev
+    storage = _storage_folder(repo_id)
+    ref = storage / "refs" / rev
+    if ref.is_file():
+        return ref.read_text().strip()
+    snapshots = sorted(p.name for p in (storage / "snapshots").glob("*") if p.is_dir())
+    if revision is None and len(snapshots) == 1 and not (storage / "refs").is_dir():
+        return snapshots[0]
+    if not snapshots:
+        raise ClawError(f"the local Hugging Face cache has no copy of {repo_id}@{rev} (nothing in {storage})")
+    raise ClawError(f"the local Hugging Face cache does not know which commit {repo_id}@{rev} is (no refs/{rev} in "
+                    f"{storage}); it holds snapshot{'s' if len(snapshots) > 1 else ''} "
+                    f"{', '.join(s[:12] for s in snapshots)}: name one with hf-hub:{repo_id}@<commit>")
+
+
+def _files_on_disk(folder: Path) -> tuple[list[str], list[str]]:
+    """(files present, links whose blob is missing) of a snapshot folder, as repo paths."""
+    present, dangling = [], []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file():
+            present.append(rel)
+        elif path.is_symlink():
+            dangling.append(rel)
+    return present, dangling
+
+
+def _missing_shards(folder: Path, present: set[str], selected: list[str]) -> list[str]:
+    """Shards a selected ``*.index.json`` lists that the snapshot does not hold."""
+    missing: list[str] = []
+    for index in (f for f in selected if f.endswith(".index.json") and f in present):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            shards = set(json.loads((folder / index).read_text()).get("weight_map", {}).values())
+            base = index.rpartition("/")[0]
+            missing += sorted(f"{base}/{s}" if base else s for s in shards
+                              if (f"{base}/{s}" if base else s) not in present)
+    return missing
+
+
+def _from_cache(repo_id: str, revision: str | None, commit: str | None,
+                allow_patterns: list[str] | None) -> tuple[Path, str]:
+    """The snapshot folder of ``repo_id@revision`` served from the local cache alone, and its commit.
+
+    The files come from the cached tree listing when huggingface_hub 2.x wrote one, else from
+    the snapshot folder itself (``hf_hub_download``, ``from_pretrained``, open_clip and older
+    huggingface_hub write none; neither does a copy made by hand).  What the checkpoint needs
+    and the cache lacks is named: files of the listing, shards of an index, links to missing
+    blobs, or weights never downloaded.
+    """
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.utils import filter_repo_objects
+
+    commit = commit or _cached_commit(repo_id, revision)
+    folder = _storage_folder(repo_id) / "snapshots" / commit
+    if not folder.is_dir():
+        raise ClawError(f"the local Hugging Face cache has no copy of {repo_id}@{revision or 'main'} "
+                        f"(no snapshot of commit {commit[:12]} in {folder.parent})")
+    present, dangling = _files_on_disk(folder)
+    listing = present + dangling
+    with contextlib.suppress(Exception):   # huggingface_hub 2.x: the repo's own file list at that commit
+        listing = [f.path for f in get_cached_repo_tree(repo_id, revision=commit)]
+    if allow_patterns is None:
+        wanted = select_checkpoint_files(listing)
+    else:
+        wanted = list(filter_repo_objects(listing, allow_patterns=allow_patterns))
+    have = set(present)
+    missing = [f for f in wanted if f not in have] + _missing_shards(folder, have, wanted)
+    weights = [f for f in wanted if any(fnmatch(f, p) for kind in WEIGHT_PATTERNS for p in kind)]
+    if allow_patterns is None and not weights:
+        missing.append("the weights (*.safetensors, *.npz or a torch pickle)")
+    if missing:
+        held = f"; it holds {', '.join(present[:8])}{' ...' if len(present) > 8 else ''}" if present else ""
+        raise ClawError(f"the cached snapshot of {repo_id}@{revision or 'main'} "
+                        f"(commit {commit[:12]}) lacks {', '.join(missing[:4])}"
+                        f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}{held}",
+                        details=[f"missing: {m}" for m in missing] if len(missing) > 4 else [])
+    return folder, commit
 
 
 def resolve_source(src: str, allow_patterns: list[str] | None = None) -> tuple[Path, dict[str, str]]:
@@ -257,8 +351,9 @@ def resolve_source(src: str, allow_patterns: list[str] | None = None) -> tuple[P
 
     A local SRC comes back as ``(Path(src), {})``.  ``hf-hub:org/name[@revision]`` is resolved to
     a commit and downloaded with ``snapshot_download`` into the normal Hugging Face cache
-    (``HF_HOME`` / ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` serves it from the cache only), and
-    comes back as ``(snapshot_dir, {"hub_repo": "org/name", "hub_revision": "<commit sha>"})``.
+    (``HF_HOME`` / ``HF_HUB_CACHE``), and comes back as ``(snapshot_dir, {"hub_repo": "org/name",
+    "hub_revision": "<commit sha>"})``.  With ``HF_HUB_OFFLINE=1``, or when the Hub cannot be
+    reached, it is served from the cache alone (:func:`_from_cache`), whichever tool filled it.
 
     ``allow_patterns`` are the glob patterns of the files the command needs.  When None, the
     checkpoint's files are chosen from the repo listing (:func:`select_checkpoint_files`):
@@ -267,23 +362,38 @@ def resolve_source(src: str, allow_patterns: list[str] | None = None) -> tuple[P
     if not is_hub_source(src):
         return Path(src).expanduser(), {}
     repo_id, revision = parse_hub_source(src)
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
     from huggingface_hub.utils import filter_repo_objects
 
     api = HfApi(library_name="clawconvert", library_version=__version__)
     action = f"cannot read {src}"
     with _hub_errors(action, repo_id, revision, reading=True):
-        resolved = api.resolve_revision(repo_id, revision=revision)
-        commit = resolved.resolved
+        commit, listing = None, None
+        if not constants.is_offline_mode():
+            try:
+                commit = api.resolve_revision(repo_id, revision=revision).resolved
+                with contextlib.suppress(Exception):
+                    listing = [f.path for f in get_cached_repo_tree(repo_id, revision=commit)]
+                if listing is None:   # one request: list_repo_files retries for 23 s when the Hub is down
+                    listing = [f.rfilename for f in api.repo_info(repo_id, revision=commit).siblings or []]
+            except Exception as err:
+                if not _hub_unreachable(err):
+                    raise
+        if listing is None:   # offline, or the Hub is unreachable: the local cache, whoever filled it
+            try:
+                folder, commit = _from_cache(repo_id, revision, commit, allow_patterns)
+            except ClawError as err:
+                why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the Hub cannot be reached"
+                raise ClawError(f"{action}: {why} and {err}", err.details) from None
+            return folder, {"hub_repo": repo_id, "hub_revision": commit}
         patterns = allow_patterns
         if patterns is None:
-            listing = _repo_files(api, repo_id, commit)
             selected = select_checkpoint_files(listing)
             if not selected:
                 raise ClawError(f"{action}: {repo_id}@{commit[:12]} has no checkpoint files (configs, "
                                 f"safetensors, npz or pickles); it holds: {', '.join(sorted(listing)[:12])}")
             patterns = [glob.escape(f) for f in selected]
-        folder = Path(snapshot_download(repo_id, revision=resolved, allow_patterns=patterns,
+        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=patterns,
                                         library_name="clawconvert", library_version=__version__))
     present = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()] \
         if folder.is_dir() else []

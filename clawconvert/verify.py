@@ -20,9 +20,18 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # torch is imported where a framework runs, not by the conversion path
     import torch
 
+from .deps import need
 from .errors import ClawError, VerificationFailed
 from .formats import Checkpoint
 from .io.dtypes import as_torch
+
+# format name -> the frameworks its runner imports (the `verify` extra installs them)
+RUNNER_FRAMEWORKS = {"hf": ("torch", "transformers"), "openclip": ("torch", "open_clip"), "big_vision": ("torch",)}
+
+
+def need_runners(*formats: str) -> None:
+    """Fail with one line before any work when a ``--verify`` runner's framework is not installed."""
+    need(*dict.fromkeys(m for f in formats for m in RUNNER_FRAMEWORKS.get(f, ())), to="--verify")
 
 
 @dataclass
@@ -172,6 +181,7 @@ def sample_inputs(config: Any, batch: int = 2, seed: int = 0) -> tuple[torch.Ten
 
 def compare(a: Checkpoint, b: Checkpoint, tolerance: float = 1e-4, seed: int = 0) -> dict[str, Any]:
     """Run both checkpoints on the same inputs; return the figures (raises if above tolerance)."""
+    need_runners(a.format, b.format)
     import torch
 
     runners = []

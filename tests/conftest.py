@@ -73,6 +73,14 @@ def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """clawconvert's user cache (the CLIP BPE tokenizer files) in a temporary folder, not ~/.cache;
+    subprocesses inherit it."""
+    import os
+    os.environ["CLAWCONVERT_CACHE"] = str(tmp_path_factory.mktemp("clawconvert-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

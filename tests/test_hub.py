@@ -425,7 +425,7 @@ def test_offline_mode_serves_the_cache_and_says_so_when_it_cannot(hub, tmp_path,
     assert offline == online and info["hub_revision"] == sha
     assert hub.requests == []
     with pytest.raises(ClawError, match="HF_HUB_OFFLINE is set and the local Hugging Face cache has no "
-                                        "complete copy of org/never-downloaded@main"):
+                                        "copy of org/never-downloaded@main"):
         resolve_source("hf-hub:org/never-downloaded")
     with pytest.raises(ClawError, match="HF_HUB_OFFLINE is set; unset it"):
         push(make_output(tmp_path / "out"), "org/cached", quiet=True)
@@ -551,3 +551,139 @@ def test_convert_with_push_to_and_from_hf_hub(hub, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     model = transformers.CLIPModel.from_pretrained(back)
     assert model.config.projection_dim == 24
+
+
+# --------------------------------------------------------------------------------------------
+# offline from any cache: hf_hub_download's layout, a copy made by hand, huggingface_hub 2.x's
+
+TINY = REPO_ROOT / "fixtures" / "openclip_tiny"
+
+
+def _tiny_repo(hub: FakeHub, repo_id: str = "org/tiny") -> str:
+    """The OpenCLIP fixture as a Hub repo, with files a conversion does not need beside it."""
+    return hub.create_repo(repo_id, {p.name: p.read_bytes() for p in TINY.iterdir()}
+                           | {"README.md": b"# tiny", "open_clip_pytorch_model.bin": b"p" * 64})
+
+
+def _storage(repo_id: str) -> Path:
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def _download(repo_id: str, *names: str) -> Path:
+    """Files fetched one by one, as transformers, open_clip and older huggingface_hub do: blobs +
+    symlinks + refs/main, and no tree listing."""
+    from huggingface_hub import hf_hub_download
+    for name in names:
+        hf_hub_download(repo_id, name)
+    return _storage(repo_id)
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_offline_from_an_hf_hub_download_cache_converts(hub, tmp_path, capsys, monkeypatch):
+    sha = _tiny_repo(hub)
+    storage = _download("org/tiny", "open_clip_config.json", "open_clip_model.safetensors")
+    snap = storage / "snapshots" / sha
+    assert not (storage / "trees").exists() and (snap / "open_clip_model.safetensors").is_symlink()
+    _offline(monkeypatch)
+    hub.requests.clear()
+
+    rc, _, err = run_cli(capsys, "convert", "hf-hub:org/tiny", tmp_path / "hf", "--to", "hf", "--quiet")
+
+    assert rc == 0, err
+    assert hub.requests == []
+    manifest = json.loads((tmp_path / "hf" / MANIFEST).read_text())
+    assert manifest["source"]["hub_revision"] == sha
+    assert run_cli(capsys, "convert", TINY, tmp_path / "local", "--to", "hf", "--quiet")[0] == 0
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+
+
+def test_unreachable_hub_serves_the_same_cache(hub, tmp_path, monkeypatch):
+    sha = _tiny_repo(hub)
+    _download("org/tiny", "open_clip_config.json", "open_clip_model.safetensors")
+    with socket.socket() as s:  # a port nobody listens on, HF_HUB_OFFLINE unset
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    _point_hub_at(monkeypatch, dead, tmp_path / "hf_home")
+    folder, info = resolve_source("hf-hub:org/tiny")
+    assert info["hub_revision"] == sha and (folder / "open_clip_model.safetensors").is_file()
+    with pytest.raises(ClawError, match="the Hub cannot be reached and the local Hugging Face cache has no copy "
+                                        "of org/other@main"):
+        resolve_source("hf-hub:org/other")
+
+
+def test_offline_names_what_the_cache_lacks(hub, monkeypatch):
+    _tiny_repo(hub)
+    _download("org/tiny", "open_clip_config.json")   # the config only, as open_clip's get_model_config leaves it
+    shards = {"model-00001-of-00002.safetensors": b"a" * 32, "model-00002-of-00002.safetensors": b"b" * 32}
+    index = {"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors",
+                                            "y": "model-00002-of-00002.safetensors"}}
+    hub.create_repo("org/sharded", {"config.json": b"{}", "model.safetensors.index.json": json.dumps(index).encode(),
+                                    **shards})
+    _download("org/sharded", "config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors")
+    sha = _tiny_repo(hub, "org/broken")
+    storage = _download("org/broken", "open_clip_config.json", "open_clip_model.safetensors")
+    blob = (storage / "snapshots" / sha / "open_clip_model.safetensors").resolve()
+    blob.unlink()   # the link stays, its blob is gone
+    _offline(monkeypatch)
+
+    with pytest.raises(ClawError, match=r"HF_HUB_OFFLINE is set and the cached snapshot of org/tiny@main \(commit "
+                                        r"[0-9a-f]{12}\) lacks the weights .*; it holds open_clip_config.json"):
+        resolve_source("hf-hub:org/tiny")
+    with pytest.raises(ClawError, match=r"of org/sharded@main \(commit [0-9a-f]{12}\) lacks "
+                                        r"model-00002-of-00002.safetensors;"):
+        resolve_source("hf-hub:org/sharded")
+    with pytest.raises(ClawError, match=r"of org/broken@main .* lacks open_clip_model.safetensors"):
+        resolve_source("hf-hub:org/broken")
+
+
+def _hand_copy(src: Path, cache: Path) -> Path:
+    """``cp -rL`` of a repo's cache folder without its blobs: plain files in snapshots/, refs/ kept."""
+    import shutil
+    dst = cache / src.name
+    shutil.copytree(src, dst, symlinks=False, ignore=lambda d, names: ["blobs"] if Path(d) == src else [])
+    return dst
+
+
+def test_offline_from_a_hand_copied_cache(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    sha = _tiny_repo(hub)
+    copy = _hand_copy(_download("org/tiny", "open_clip_config.json", "open_clip_model.safetensors"),
+                      tmp_path / "copied-cache")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "copied-cache"))
+    _offline(monkeypatch)
+    snap = copy / "snapshots" / sha
+    assert not (copy / "blobs").exists() and not (snap / "open_clip_model.safetensors").is_symlink()
+
+    folder, info = resolve_source("hf-hub:org/tiny")
+    assert folder == snap and info["hub_revision"] == sha
+
+    import shutil
+    shutil.rmtree(copy / "refs")   # only the snapshot was copied: it is the one there is
+    assert resolve_source("hf-hub:org/tiny")[0] == snap
+    other = "f" * 40
+    shutil.copytree(snap, copy / "snapshots" / other)
+    with pytest.raises(ClawError, match=rf"does not know which commit org/tiny@main is .*; it holds snapshots "
+                                        rf"{sha[:12]}, {other[:12]}: name one with hf-hub:org/tiny@<commit>"):
+        resolve_source("hf-hub:org/tiny")
+    assert resolve_source(f"hf-hub:org/tiny@{other}")[1]["hub_revision"] == other
+
+
+def test_offline_from_a_snapshot_download_cache_checks_its_tree_listing(hub, monkeypatch):
+    sha = _tiny_repo(hub)
+    folder, _ = resolve_source("hf-hub:org/tiny")   # snapshot_download: huggingface_hub 2.x writes trees/<sha>.json
+    assert (_storage("org/tiny") / "trees").is_dir()
+    assert sorted(p.name for p in folder.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    _offline(monkeypatch)
+    hub.requests.clear()
+    assert resolve_source("hf-hub:org/tiny") == (folder, {"hub_repo": "org/tiny", "hub_revision": sha})
+    assert resolve_source("hf-hub:org/tiny", allow_patterns=["*.json"])[0] == folder
+    with pytest.raises(ClawError, match=r"lacks .gitattributes, README.md, open_clip_pytorch_model.bin; it holds open_clip_config.json"):
+        resolve_source("hf-hub:org/tiny", allow_patterns=["*"])   # the listing knows the repo's other files
+    assert hub.requests == []

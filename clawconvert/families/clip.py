@@ -33,6 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..deps import installed, need
 from ..errors import ClawError
 from . import Extras, Family, FormatCodec, Shapes, custom_block_blockers
 
@@ -212,10 +213,8 @@ def write_preprocessor(out_dir: Path, image_size: int, preprocess: dict) -> list
 def open_clip_dir() -> Path:
     """open_clip's installed package directory, found without importing open_clip (torch)."""
     import importlib.util
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ClawError("open_clip is not installed: its BPE vocabulary and model configs are read from it")
-    return Path(list(spec.submodule_search_locations)[0])
+    need("open_clip", to="reading open_clip's built-in model configs and BPE vocabulary")
+    return Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0])
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -271,13 +270,61 @@ def clip_backend_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]])
     return tok
 
 
+# tokenizer.json, vocab.json and merges.txt are the same bytes for every model on the CLIP BPE
+BPE_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+BPE_FILES_LAYOUT = 1   # bump when the files written here change: cached copies are rebuilt
+
+
+def build_clip_bpe_files(out_dir: Path) -> None:
+    """Write :data:`BPE_FILES` for open_clip's BPE into ``out_dir``."""
+    clip_bpe_files(out_dir)
+    vocab, pairs = clip_bpe()
+    clip_backend_tokenizer(vocab, pairs).save(str(Path(out_dir) / "tokenizer.json"))
+
+
+def cached_clip_bpe_files() -> Path | None:
+    """A folder holding :data:`BPE_FILES`, built once per BPE file and ``tokenizers`` version in
+    the user's cache (``CLAWCONVERT_CACHE``, else ``$XDG_CACHE_HOME/clawconvert``): building them
+    costs 0.15-0.2 s of CPU, which every OpenCLIP -> HF conversion would pay beside the tensor
+    stream.  None when the cache cannot be written (the files are then built in place)."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    import tokenizers
+    bpe = open_clip_dir() / "bpe_simple_vocab_16e6.txt.gz"
+    key = hashlib.sha256(bpe.read_bytes() + f"|{tokenizers.__version__}|{BPE_FILES_LAYOUT}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("CLAWCONVERT_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clawconvert")
+    folder = root / f"clip-bpe-{key}"
+    if all((folder / n).is_file() for n in BPE_FILES):
+        return folder
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".clip-bpe-", dir=root))
+        build_clip_bpe_files(tmp)
+        try:
+            tmp.rename(folder)   # atomic: another process building the same files at once is harmless
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        return None
+    return folder if all((folder / n).is_file() for n in BPE_FILES) else None
+
+
 def write_clip_tokenizer(out_dir: Path, context_length: int) -> None:
     """The CLIP BPE tokenizer as transformers 5 saves a ``CLIPTokenizer``: tokenizer.json (fast),
     tokenizer_config.json, and vocab.json + merges.txt for slow/legacy loaders."""
+    import shutil
+
     out_dir = Path(out_dir)
-    vocab_file, merges_file = clip_bpe_files(out_dir)
-    vocab, pairs = clip_bpe()
-    clip_backend_tokenizer(vocab, pairs).save(str(out_dir / "tokenizer.json"))
+    cached = cached_clip_bpe_files()
+    if cached is None:
+        build_clip_bpe_files(out_dir)
+    else:
+        for name in BPE_FILES:
+            shutil.copyfile(cached / name, out_dir / name)
     # pad with EOT like OpenAI's own HF tokenizers: "!" (open_clip's pad id 0) would be matched
     # as a special token inside text and change the ids of any "!"; padding after EOT never
     # changes the outputs (causal attention, pooling at the first EOT)
@@ -376,6 +423,9 @@ class ClipFamily(Family):
         if extras.tokenizer_dir is not None:
             return copy_tokenizer(extras.tokenizer_dir, out_dir)
         if config.text_config.vocab_size == CLIP_BPE_VOCAB and extras.tokenizer_note is None:
+            if not installed("open_clip"):  # the core install: the weights convert, the vocabulary is not here
+                return ["no tokenizer files written: the CLIP BPE vocabulary is read from open_clip, "
+                        "which is not installed (pip install 'clawconvert[verify]')"]
             write_clip_tokenizer(out_dir, config.text_config.max_position_embeddings)
             return []
         return [extras.tokenizer_note or "no tokenizer files written: the text vocabulary is not CLIP's BPE"]

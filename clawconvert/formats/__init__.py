@@ -76,10 +76,42 @@ class Format:
         """Write config/preprocessing/tokenizer files; return notes for the user."""
         raise NotImplementedError
 
+    def config_fields(self, family: Family, config: Any) -> dict[str, Any]:
+        """The config as this format spells it, flat (``vision_config.hidden_size``): the fields a
+        diagnosis names (default: transformers' ``config.json``)."""
+        return flatten(config.to_dict())
+
+    def config_from_fields(self, family: Family, fields: dict[str, Any]) -> Any:
+        """The canonical config back from :meth:`config_fields`' form."""
+        return family.config_from_dict(unflatten(fields))
+
     def writer(self, out_dir: Path, plan: list, max_shard_size: int, metadata: dict | None = None):
         from ..io.writers import SafetensorsWriter
         return SafetensorsWriter(out_dir, plan, max_shard_size=max_shard_size, basename=self.weights_name,
                                  metadata=metadata)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """``{"a.b.c": value}`` -> nested dicts (the inverse of :func:`flatten`)."""
+    out: dict = {}
+    for key, value in flat.items():
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 @lru_cache(maxsize=None)

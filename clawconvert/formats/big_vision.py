@@ -124,7 +124,7 @@ class BigVisionStore(TensorStore):
 
 def _to_numpy(t: Any) -> np.ndarray:
     a = contiguous(as_numpy(t))
-    if a.dtype == dtypes.bfloat16.np:  # JAX's way: 2-byte void
+    if a.dtype.name == dtypes.bfloat16.name:  # JAX's way: 2-byte void (by name: a float32 array imports no ml_dtypes)
         return a.view(np.dtype("V2"))
     return a
 

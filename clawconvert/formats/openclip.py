@@ -17,10 +17,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..deps import need
 from ..errors import ClawError
 from ..families import Extras, Family, family_claiming
 from ..io.readers import READERS, open_tensors, read_json_file
-from . import Checkpoint, Format, SourceOptions
+from . import Checkpoint, Format, SourceOptions, flatten, unflatten
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -56,6 +57,7 @@ def builtin_model_configs() -> dict[str, dict]:
 
 def builtin_model_config(name: str) -> dict:
     if ":" in name:  # hf-hub:ORG/REPO, local-dir:PATH: open_clip's own resolution
+        need("open_clip", to=f"--model-name {name}")
         import open_clip
         cfg = open_clip.get_model_config(name)
         names = open_clip.list_models()
@@ -143,6 +145,12 @@ class OpenClipFormat(Format):
     def table_params(self, family: Family, config: Any) -> dict[str, Any]:
         model_cfg = family.codec(self.name).write(config)
         return {"text_prefix": "text." if model_cfg.get("custom_text") else ""}
+
+    def config_fields(self, family: Family, config: Any) -> dict[str, Any]:
+        return flatten(family.codec(self.name).write(config))   # model_cfg: vision_cfg.width, ...
+
+    def config_from_fields(self, family: Family, fields: dict[str, Any]) -> Any:
+        return family.codec(self.name).read(unflatten(fields))
 
     def write_side_files(self, out_dir: Path, family: Family, config: Any, extras: Extras) -> list[str]:
         from ..families.clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD

@@ -4,13 +4,17 @@ The conversion path runs on numpy (torch costs 3 s and ~650 MiB just to import),
 clawconvert names element types with its own small :class:`DType`: the safetensors code,
 the numpy dtype (bfloat16 and float8 through ``ml_dtypes``), and the torch dtype on demand
 for the places that hand arrays to a framework (``--verify``, pickle sources, tests).
+
+``ml_dtypes`` is imported the first time a bfloat16 or float8 numpy dtype is asked for (a
+tensor of that type is read, cast or written), not at start-up: version 0.7.0 takes about
+1.1 s to import, which every command would otherwise pay (pyproject.toml bounds it as well).
+Names and sizes are known without it, so planning from headers imports nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from .pipeline import in_two_halves
@@ -20,12 +24,18 @@ from .pipeline import in_two_halves
 class DType:
     name: str            # "float32", "bfloat16", ... (torch's spelling, without "torch.")
     code: str            # safetensors header code: "F32", "BF16", ...
-    np: np.dtype         # the in-memory numpy dtype
+    itemsize: int        # bytes per element
     is_floating_point: bool
+    # the in-memory numpy dtype, or the name of an ml_dtypes type until it is first needed
+    _np: Any = field(compare=False, repr=False)
 
     @property
-    def itemsize(self) -> int:
-        return self.np.itemsize
+    def np(self) -> np.dtype:
+        """The numpy dtype (bfloat16 and float8: ``ml_dtypes``, imported on first use)."""
+        if isinstance(self._np, str):
+            import ml_dtypes
+            object.__setattr__(self, "_np", np.dtype(getattr(ml_dtypes, self._np)))
+        return self._np
 
     @property
     def torch(self) -> Any:
@@ -40,15 +50,20 @@ class DType:
 
 
 def _d(name: str, code: str, npd: Any, flt: bool) -> DType:
-    return DType(name, code, np.dtype(npd), flt)
+    return DType(name, code, np.dtype(npd).itemsize, flt, np.dtype(npd))
+
+
+def _ml(name: str, code: str, size: int) -> DType:
+    """A float type numpy lacks: ``ml_dtypes.<name>``, looked up when first used."""
+    return DType(name, code, size, True, name)
 
 
 float64 = _d("float64", "F64", np.float64, True)
 float32 = _d("float32", "F32", np.float32, True)
 float16 = _d("float16", "F16", np.float16, True)
-bfloat16 = _d("bfloat16", "BF16", ml_dtypes.bfloat16, True)
-float8_e4m3fn = _d("float8_e4m3fn", "F8_E4M3", ml_dtypes.float8_e4m3fn, True)
-float8_e5m2 = _d("float8_e5m2", "F8_E5M2", ml_dtypes.float8_e5m2, True)
+bfloat16 = _ml("bfloat16", "BF16", 2)
+float8_e4m3fn = _ml("float8_e4m3fn", "F8_E4M3", 1)
+float8_e5m2 = _ml("float8_e5m2", "F8_E5M2", 1)
 int64 = _d("int64", "I64", np.int64, False)
 int32 = _d("int32", "I32", np.int32, False)
 int16 = _d("int16", "I16", np.int16, False)
@@ -62,8 +77,7 @@ _TORCH_NAMES = {"bool": "bool"}
 
 # safetensors header code -> DType
 SAFETENSORS_DTYPES: dict[str, DType] = {d.code: d for d in ALL}
-_BY_NAME = {d.name: d for d in ALL}
-_BY_NP = {d.np: d for d in ALL}
+_BY_NAME = {d.name: d for d in ALL}   # numpy and ml_dtypes name their dtypes the same way
 
 # --dtype flag value -> DType (None keeps the source dtype)
 CLI_DTYPES: dict[str, DType | None] = {"keep": None, "fp32": float32, "fp16": float16, "bf16": bfloat16}
@@ -92,8 +106,9 @@ def dtype_of(x: Any) -> DType:
         return bfloat16  # JAX/big_vision store bfloat16 as 2-byte void
     if npd.byteorder == ">":
         npd = npd.newbyteorder("<")
-    if npd in _BY_NP:
-        return _BY_NP[npd]
+    found = _BY_NAME.get(npd.name)
+    if found is not None and found.np == npd:   # an ml_dtypes array means ml_dtypes is loaded already
+        return found
     raise TypeError(f"unsupported array dtype {npd}")
 
 

@@ -35,6 +35,7 @@ try:    # ISA-L's CRC-32 (same polynomial as zip's): ~10 GB/s, where zlib 1.2 ma
 except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
     from zlib import crc32
 
+from ..deps import need
 from ..errors import ClawError
 from .dtypes import SAFETENSORS_DTYPES, DType, as_numpy, contiguous, dtype_of, itemsize
 
@@ -559,6 +560,7 @@ def load_torch_file(path: Path, unsafe_pickle: bool = False):
 
 
 def _torch_load(path: Path, kw: dict):
+    need("torch", to=f"reading the torch pickle {path.name}")
     import torch
     try:
         return torch.load(path, mmap=True, **kw)

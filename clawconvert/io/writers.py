@@ -228,7 +228,7 @@ class NpzWriter:
 
     def write(self, name: str, tensor) -> None:
         arr = contiguous(as_numpy(tensor))
-        if arr.dtype == dtypes.bfloat16.np:  # numpy files have no bfloat16: JAX's 2-byte void, or float32
+        if arr.dtype.name == dtypes.bfloat16.name:  # numpy files have no bfloat16: JAX's 2-byte void, or float32
             arr = arr.view(np.dtype("V2")) if self.keep_bfloat16 else arr.astype(np.float32)
         if arr.dtype.hasobject:
             raise ClawError(f"tensor '{name}' holds Python objects; .npz outputs hold arrays only")

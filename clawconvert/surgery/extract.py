@@ -342,7 +342,8 @@ def verify_tower(ckpt: Checkpoint, options: SourceOptions, out: Path, tower: str
                  arch: str | None, num_classes: int, dtype, tolerance: float | None, scratch: Path) -> dict[str, Any]:
     """Figures of the tower against the full model (bit-exact when both run in one framework)."""
     from ..api import _dtype, convert
-    from ..verify import compare, default_tolerance, sample_inputs
+    from ..verify import compare, default_tolerance, need_runners, sample_inputs
+    need_runners(ckpt.format, "hf" if to == "timm" else to)
 
     ref_fmt = "hf" if to == "timm" else to
     figures: dict[str, Any] = {}

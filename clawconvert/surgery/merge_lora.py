@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..architectures import (Architecture, Layout, Resolver, architecture_for, known_model_types,
                              load_architecture, part_of)
+from ..deps import need
 from ..errors import ClawError, VerificationFailed
 from ..hub import resolve_source
 from ..io.atomic import TMP_PREFIX, atomic_output_dir
@@ -82,6 +83,7 @@ def _effective_tie(base: Path, config: dict, arch: Architecture, model_type: str
         value = config.get("tie_word_embeddings", default)
         if isinstance(value, bool):
             return value
+    need("transformers", to=f"reading the tie_word_embeddings default of model type '{config.get('model_type')}'")
     from transformers import AutoConfig
 
     try:
@@ -300,6 +302,7 @@ def _assemble(b: _Base, plan, research: ResearchFolder, vision_path: Path | None
               strategy: str | None, chat_template, unsafe_pickle: bool) -> LlavaAssembly:
     """The LLaVA side: the tower (BASE's own when an original LLaVA saved it), the feature
     selection, the tokenizer with its image token, the vocabulary rows it needs."""
+    need("transformers", to="--vision (LLaVA assembly: tokenizer, processor, config)")
     llava_cfg = b.config if b.research_llava else research.llava_config
     vision_store, vision_config, vision_dir = vision_source(vision_path, b.entries(plan.store, "vision"), llava_cfg,
                                                              b.path, scratch, unsafe_pickle, notes)
@@ -365,6 +368,7 @@ def _verify(out: Path, base: Path, adapter: Path | None, arch: Architecture, ass
             tolerance: float | None) -> dict:
     """The output against the unmerged model in its own framework, where that framework runs here."""
     from .verify_merge import skipped, verify_merge
+    need("torch", "transformers", "peft", to="merge-lora --verify")
     if arch.parts["lm"].format != "hf" or arch.name == "llava_original":
         return skipped(f"BASE is a {arch.description}: its framework is remote code, which clawconvert never "
                        f"runs; the conversion is covered by the tests against the original code's outputs")

@@ -21,10 +21,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..deps import need
 from ..errors import ClawError
 from ..ops import Shape
+
+need("torch", "timm", to="--to timm")   # imported only when a timm tower is written or loaded
+import torch  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 
