@@ -2,8 +2,9 @@
 
 The plain install (``pip install clawconvert``) holds what converting, extracting, merging and
 pushing import: numpy, safetensors, ml_dtypes, tokenizers, huggingface_hub, ...  torch,
-transformers, open_clip and timm come with the ``verify`` extra, because only ``--verify``,
-pickle sources, ``--to timm``, LLaVA assembly and a few rarer paths run a framework.
+transformers, open_clip, timm and peft come with the ``verify`` extra, because only ``--verify``,
+pickle sources, ``--to timm``, LLaVA assembly and a few rarer paths run a framework; onnx,
+onnxruntime and gguf with the ``export`` extra.
 
 Each place that imports one calls :func:`need` first (one line), so a missing framework ends
 the command with one line naming the extra instead of a traceback::

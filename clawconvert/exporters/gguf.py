@@ -61,6 +61,8 @@ def export(src: str | Path, dst: str | Path, *, outtype: str = "f16", overwrite:
            progress: bool = False) -> ExportResult:
     """Write ``dst/model-<outtype>.gguf`` (and ``mmproj-<outtype>.gguf`` for a LLaVA); see the module docstring."""
     from ..api import resolve
+    from ..deps import need
+    need("gguf", to="export --to gguf")
 
     if outtype not in OUTTYPES:
         raise ClawError(f"--outtype {outtype}: choose from {', '.join(OUTTYPES)}")

@@ -47,6 +47,8 @@ def export(src: str | Path, dst: str | Path, *, quantize: str | None = None, tow
            overwrite: bool = False, progress: bool = False) -> ExportResult:
     """Write ``dst/model.onnx`` (and ``model_quantized.onnx``) for one tower of ``src``; see the module docstring."""
     from ..api import resolve
+    from ..deps import need
+    need("torch", "transformers", "onnx", "onnxruntime", "onnxscript", to="export --to onnx")
 
     if quantize is not None and quantize not in QUANTIZE:
         raise ClawError(f"--quantize {quantize}: choose from {', '.join(QUANTIZE)}")
