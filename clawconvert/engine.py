@@ -78,8 +78,11 @@ class Plan:
         with self.source.checks_deferred():   # CRC-32s run beside the transforms; the output is temporary until they pass
             for rule in rules:
                 copy = self._byte_copy(rule, producer, out_dtypes, sink)
+                fill = None if copy is not None else self._filler(rule, producer, out_dtypes, sink)
                 if copy is not None:
                     yield ("copy", rule.format[0], copy)
+                elif fill is not None:
+                    yield ("fill", rule.format[0], fill)
                 else:
                     self._load_canonical(rule.canonical, producer, uses, cache)
                     try:
@@ -111,6 +114,17 @@ class Plan:
             for name, y in zip(src.canonical, ys):
                 if uses[name]:
                     cache[name] = y
+
+    def _filler(self, rule: Rule, producer: dict[str, Rule], out_dtypes: dict[str, DType], sink: TensorSink):
+        """A filler when the source computes this tensor a band at a time (a merged LoRA weight) and
+        both tables only rename it: the sink then fills its buffers with the rows directly."""
+        if (len(rule.canonical) != 1 or len(rule.format) != 1 or rule.chain.ops or not hasattr(sink, "fill")
+                or not hasattr(self.source, "filler") or finite_checks_active()):
+            return None
+        src = producer[rule.canonical[0]]
+        if len(src.format) != 1 or src.chain.ops:
+            return None
+        return self.source.filler(src.format[0], out_dtypes[rule.format[0]])
 
     def _byte_copy(self, rule: Rule, producer: dict[str, Rule], out_dtypes: dict[str, DType],
                    sink: TensorSink) -> tuple | None:

@@ -438,3 +438,27 @@ def test_not_an_adapter_and_existing_output(small, work, capsys):
     existing.mkdir()
     assert run_cli(base, adapter, existing) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_linear_merges_are_filled_into_the_write_buffers(work, monkeypatch):
+    """A plain Linear LoRA weight is merged a band at a time straight into the writer's buffers
+    (no whole merged copy); its bytes equal the whole-tensor merge's."""
+    from safetensors.numpy import load_file
+
+    from clawconvert.io.writers import SafetensorsWriter
+    from clawconvert.surgery.lora import Adapter, merged_linear
+    base = make_base(work / "fill-base", "llama", dtype=torch.bfloat16)
+    adapter = make_adapter(base, work / "fill-lora", std=0.02, target_modules=["q_proj", "down_proj"])
+    filled = []
+    real = SafetensorsWriter.fill
+    monkeypatch.setattr(SafetensorsWriter, "fill", lambda self, name, f: (filled.append(name), real(self, name, f))[1])
+    assert run_cli(base, adapter, work / "fill-out") == 0
+    assert sorted(filled) == sorted(f"model.layers.{i}.{m}.weight" for i in range(2)
+                                    for m in ("self_attn.q_proj", "mlp.down_proj"))
+    got = load_file(work / "fill-out" / "model.safetensors")
+    src = load_file(base / "model.safetensors")
+    a = Adapter(adapter)
+    for name in filled:
+        module = a.modules[name.removesuffix(".weight")]
+        want = merged_linear(src[name], a, module, src[name].dtype)
+        assert got[name].tobytes() == want.tobytes(), name

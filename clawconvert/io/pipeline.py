@@ -3,7 +3,9 @@
 File reads, CRC checks, transposes, casts, matmuls and writes all release the GIL, so the
 next tensors are read and transformed while the current one is written.  Items are
 ``("copy", name, (file, offset, nbytes))`` for bytes the writer copies from the source as
-they are, or ``("write", name, array)``; at most ``IN_FLIGHT_BYTES`` of finished arrays wait
+they are, ``("write", name, array)``, or ``("fill", name, filler)`` for a tensor computed a
+band of rows at a time straight into the writer's buffers (a merged LoRA weight: no whole
+copy of it ever exists); at most ``IN_FLIGHT_BYTES`` of finished arrays wait
 between the threads, and at most ``MAX_WAITING`` of them (one is always let through), so memory
 stays a few tensors.
 """
@@ -113,6 +115,8 @@ def write_pipelined(items: Iterable[tuple], sink: Any) -> int:
             kind, name, payload = item
             if kind == "copy":
                 sink.copy_range(name, *payload)
+            elif kind == "fill":
+                sink.fill(name, payload)
             else:
                 sink.write(name, payload)
             written += 1

@@ -631,6 +631,46 @@ def read_span(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
     return buf
 
 
+class MappedRows:
+    """Rows of one stored tensor, mapped read-only from the file and let go as they are used.
+
+    ``rows(i, j)`` is a view of rows ``[i, j)`` (the page cache's bytes, not a copy);
+    ``done(i, j)`` drops the pages wholly inside those rows from this process (``MADV_DONTNEED``:
+    the page cache keeps them), so reading a large tensor a band at a time never makes it
+    resident here all at once.  ``close()`` unmaps."""
+
+    def __init__(self, file: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        nbytes = self.row_bytes * self.shape[0]
+        with open(file, "rb", buffering=0) as f:
+            if offset + nbytes > os.fstat(f.fileno()).st_size:
+                raise ClawError(f"{file}: truncated: a tensor's rows end past the end of the file")
+            self._start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            self._map = mmap.mmap(f.fileno(), offset + nbytes - self._start, flags=mmap.MAP_SHARED,
+                                  prot=mmap.PROT_READ, offset=self._start)
+        self._base = offset - self._start
+        self._array = np.frombuffer(self._map, dtype=np.uint8, count=nbytes, offset=self._base)
+
+    def rows(self, i: int, j: int) -> np.ndarray:
+        view = self._array[i * self.row_bytes:j * self.row_bytes]
+        return view.view(self.dtype).reshape((j - i, *self.shape[1:]))
+
+    def done(self, i: int, j: int) -> None:
+        page = mmap.PAGESIZE
+        lo = -(-(self._base + i * self.row_bytes) // page) * page
+        hi = (self._base + j * self.row_bytes) // page * page
+        if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        self._array = None
+        try:
+            self._map.close()
+        except BufferError:      # a caller still holds a view: the mapping goes with it
+            pass
+
+
 class NpzStore(TensorStore):
     """A numpy ``.npz`` archive; each ``.npy`` member's header is read up front, data on demand.
 
@@ -864,6 +904,10 @@ class GatheredStore(TensorStore):
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         store, key = self._entries[name]
         return store.byte_range(key) if hasattr(store, "byte_range") else None
+
+    def filler(self, name: str, out):
+        store, key = self._entries[name]
+        return store.filler(key, out) if hasattr(store, "filler") else None
 
     @contextlib.contextmanager
     def checks_deferred(self) -> Iterator[None]:

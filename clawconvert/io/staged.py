@@ -23,6 +23,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from typing import Callable
+
 import numpy as np
 
 from ..errors import ClawError
@@ -226,6 +228,32 @@ class StagedFile:
                 continue
             dest = np.frombuffer(room[:k * step], dtype=arr.dtype).reshape((k,) + arr.shape[1:])
             copy_into(dest, arr[i:i + k])
+            i += k
+            self._advance(k * step)
+
+    def fill_at(self, offset: int, shape: tuple[int, ...], dtype: np.dtype,
+                fill: Callable[[np.ndarray, int, int], None]) -> None:
+        """A tensor whose rows ``fill(dest, first, last)`` computes, laid out straight into the
+        buffers: ``dest`` is rows ``[first, last)`` of it, a view of the buffer being filled."""
+        rows = shape[0] if shape else 0
+        if offset != self.pos or not self.in_order or rows == 0:
+            whole = np.empty(shape, dtype)
+            if rows:
+                fill(whole, 0, rows)
+            self.write_at(offset, whole.reshape(-1).view(np.uint8))
+            return
+        step = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        i = 0
+        while i < rows:
+            room = self._room()
+            k = min(len(room) // step, rows - i)
+            if k == 0:   # the buffer ends inside a row: that row goes through a copy
+                row = np.empty((1, *shape[1:]), dtype)
+                fill(row, i, i + 1)
+                self.write_at(self.pos, row.reshape(-1).view(np.uint8))
+                i += 1
+                continue
+            fill(np.frombuffer(room[:k * step], dtype=dtype).reshape((k, *shape[1:])), i, i + k)
             i += k
             self._advance(k * step)
 

@@ -164,6 +164,17 @@ class SafetensorsWriter:
             if self._left[fi] == 0:
                 self._out[fi].flush()
 
+    def fill(self, name: str, filler) -> None:
+        """Tensor ``name`` computed by ``filler.fill(dest, first, last)`` a band of rows at a time,
+        straight into the write buffers (``filler.shape`` must be the planned shape)."""
+        fi, offset, nbytes, dtype, shape = self._slot(name)
+        if tuple(filler.shape) != shape:
+            raise ClawError(f"tensor '{name}' would come out with shape {tuple(filler.shape)}, planned {shape}")
+        self._begin(fi)
+        if nbytes:
+            self._out[fi].fill_at(offset, shape, dtype.np, filler.fill)
+        self._done(name, fi)
+
     def copy_range(self, name: str, src: Path, src_offset: int, nbytes: int) -> None:
         """Copy ``nbytes`` from ``src`` at ``src_offset`` as tensor ``name`` (read straight
         into the write buffers: no tensor is materialised)."""

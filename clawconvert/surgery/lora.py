@@ -22,6 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -290,35 +291,56 @@ BAND_BYTES = 1 << 20   # float32 rows merged at a time: the band stays in cache 
 
 def merged_linear(weight: np.ndarray, adapter: Adapter, module: LoraModule, out_dtype: np.dtype) -> np.ndarray:
     """``weight + scale * (B @ A)`` for a plain Linear LoRA (no DoRA, weight (out, in)), made
-    a band of rows at a time and returned in ``out_dtype``.
-
-    The same float32 arithmetic as :func:`merge_into` (PEFT's ``get_delta_weight``: the
-    product, then the scale, then the sum), but each band is cast in, merged and cast out
-    while it is in cache, instead of four passes over a float32 copy of the whole matrix.
-    A large weight's second half of rows is merged on the helper thread meanwhile."""
-    a, b = adapter.read(module.a), adapter.read(module.b)
-    rows_total, cols = weight.shape
-    rows = max(8, min(rows_total, BAND_BYTES // max(1, cols * 4)))
+    a band of rows at a time and returned in ``out_dtype`` (:class:`LinearMerge` writes the same
+    rows straight into a caller's buffer instead)."""
+    merge = LinearMerge(lambda i, j: weight[i:j], weight.shape, adapter.read(module.a), adapter.read(module.b),
+                        module.scale)
     out = np.empty(weight.shape, out_dtype)
-
-    def merge(first: int, last: int) -> None:
-        _merge_rows(weight, a, b, module.scale, out, rows, first, last)
-    in_two_halves(merge, rows_total, rows, weight.nbytes)
+    merge.fill(out, 0, weight.shape[0])
     return out
 
 
-def _merge_rows(weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, out: np.ndarray,
-                rows: int, first: int, last: int) -> None:
-    band = np.empty((rows, weight.shape[1]), np.float32)
-    delta = np.empty((rows, weight.shape[1]), np.float32)
-    for i in range(first, last, rows):
-        j = min(i + rows, last)
+class LinearMerge:
+    """A plain Linear LoRA merge, computed a band of rows at a time into whatever buffer the
+    caller hands over (``fill(dest, first, last)``: rows ``[first, last)``).
+
+    The same float32 arithmetic as :func:`merge_into` (PEFT's ``get_delta_weight``: the
+    product, then the scale, then the sum), but each band is cast in, merged and cast out while
+    it is in cache, instead of four passes over a float32 copy of the whole matrix; ``rows(i, j)``
+    gives the base weight's rows (a slice, or a read of just those bytes), so neither the base
+    weight nor the merged one need be whole in memory.  A large range's second half of rows is
+    merged on the helper thread meanwhile."""
+
+    def __init__(self, rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...], a: np.ndarray,
+                 b: np.ndarray, scale: float, done: Callable[[int, int], None] | None = None):
+        self.rows, self.shape, self.a, self.b, self.scale = rows, tuple(shape), a, b, scale
+        self.done = done                 # rows(i, j) will not be asked for again: let them go
+        self.band = max(8, min(self.shape[0], BAND_BYTES // max(1, self.shape[1] * 4)))
+
+    def fill(self, dest: np.ndarray, first: int, last: int) -> None:
+        def merge(lo: int, hi: int) -> None:
+            _merge_rows(self.rows, self.a, self.b, self.scale, dest, self.band, first + lo, first + hi, first,
+                        self.done)
+        in_two_halves(merge, last - first, self.band, (last - first) * self.shape[1] * 4)
+
+
+def _merge_rows(rows: Callable[[int, int], np.ndarray], a: np.ndarray, b: np.ndarray, scale: float,
+                out: np.ndarray, band_rows: int, first: int, last: int, origin: int,
+                done: Callable[[int, int], None] | None = None) -> None:
+    """Rows ``[first, last)`` of the merge into ``out``, whose row 0 is row ``origin``."""
+    cols = a.shape[1]
+    band = np.empty((band_rows, cols), np.float32)
+    delta = np.empty((band_rows, cols), np.float32)
+    for i in range(first, last, band_rows):
+        j = min(i + band_rows, last)
         x, d = band[:j - i], delta[:j - i]
         np.matmul(b[i:j], a, out=d)
         d *= scale
-        x[...] = weight[i:j]          # to float32
+        x[...] = rows(i, j)           # to float32
+        if done is not None:
+            done(i, j)
         x += d
-        out[i:j] = x                  # to the output dtype, rounding to nearest even
+        out[i - origin:j - origin] = x   # to the output dtype, rounding to nearest even
 
 
 def bias_delta(adapter: Adapter, module: LoraModule) -> np.ndarray:

@@ -26,8 +26,9 @@ import numpy as np
 from ..architectures import Resolver, part_of
 from ..errors import ClawError
 from ..io.dtypes import DType, output_dtype
-from ..io.readers import TensorInfo, TensorStore
-from .lora import Adapter, LoraModule, bias_delta, layer_fan_in_fan_out, merge_into, merged_linear, same_factors
+from ..io.readers import MappedRows, TensorInfo, TensorStore
+from .lora import (Adapter, LinearMerge, LoraModule, bias_delta, layer_fan_in_fan_out, merge_into, merged_linear,
+                   same_factors)
 
 
 @dataclass
@@ -71,6 +72,20 @@ class MergedStore(TensorStore):
     def _read(self, name: str, info: TensorInfo) -> np.ndarray:
         return build_tensor(self.recipes[name], self.base, self.adapter, output_dtype(info.dtype, self.dtype))
 
+    def filler(self, name: str, out: DType):
+        """A :class:`~.lora.LinearMerge` that writes the merged rows straight into the writer's
+        buffers, reading the base weight's rows from its file as it goes; None when this tensor
+        is not a plain Linear LoRA merge of a tensor stored as plain bytes."""
+        r = self.recipes[name]
+        kind, key = r.start
+        if (not r.lora or r.lora.kind != "linear" or r.lora.magnitude or r.fan_in_fan_out or r.bias_of
+                or r.extra_rows or kind != "base" or not hasattr(self.base, "byte_range")):
+            return None
+        where, info = self.base.byte_range(key), self.base.info(key)
+        if where is None or len(info.shape) != 2:
+            return None
+        return _MappedMerge(where, info, self.adapter, r.lora)
+
     def byte_range(self, name: str):
         r = self.recipes[name]
         if r.start[0] != "base" or r.computes or not hasattr(self.base, "byte_range"):
@@ -81,6 +96,23 @@ class MergedStore(TensorStore):
     def checks_deferred(self):
         with self.base.checks_deferred():
             yield
+
+
+class _MappedMerge:
+    """A LinearMerge over the base weight's rows mapped from its file, unmapped when filled."""
+
+    def __init__(self, where: tuple, info, adapter: Adapter, module: LoraModule):
+        self.where, self.info, self.adapter, self.module = where, info, adapter, module
+        self.shape = tuple(info.shape)
+
+    def fill(self, dest: np.ndarray, first: int, last: int) -> None:
+        file, offset, _ = self.where
+        rows = MappedRows(file, offset, self.shape, self.info.dtype.np)
+        try:
+            LinearMerge(rows.rows, self.shape, self.adapter.read(self.module.a), self.adapter.read(self.module.b),
+                        self.module.scale, rows.done).fill(dest, first, last)
+        finally:
+            rows.close()
 
 
 @dataclass
