@@ -114,6 +114,11 @@ def original_to_hf_to_original(name: str, root: Path, narrow: bool = True) -> No
     assert bool(local) == any("local_cls_norm" in n for n in r.notes)
     _same_tensors(state, torch.load(root / "back.pth", weights_only=True, mmap=True), skip=local)
     assert any("load it with" in n for n in back.notes)
+    clawconvert.convert(root / "hf", root / "back.safetensors", to="original")
+    _same_tensors(state, load_file(str(root / "back.safetensors")), skip=local)
+    again = clawconvert.convert(root / "back.safetensors", root / "hf2", to="hf")   # detected by its keys
+    assert again.source_format == "original"
+    _same_tensors(load_file(str(root / "hf" / "model.safetensors")), load_file(str(root / "hf2" / "model.safetensors")))
 
 
 @pytest.mark.parametrize("arch", list(synth.TIMM))
