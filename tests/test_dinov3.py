@@ -337,6 +337,13 @@ def test_hub_names_build_what_timm_builds_for_the_torch_hub_files():
         assert (kw["embed_dim"], kw["num_heads"], kw["n_storage_tokens"], hidden, kw["qkv_bias"]) == \
             (m.embed_dim, b.attn.num_heads, m.reg_token.shape[1], fc1.out_features, b.attn.q_bias is not None), name
         assert (name != "dinov3_vitl16plus") == (kw["depth"] == len(m.blocks))   # timm has no L+: H+ with L's width
+        # written back, a published shape names its entry point (not the 7B's: it wants local_cls_norm)
+        from clawconvert.families.dinov3 import hub_name_for, make_config
+        config = make_config(kw["embed_dim"], kw["depth"], kw["num_heads"], hidden, kw["ffn_layer"] != "mlp",
+                             kw["n_storage_tokens"], qkv_bias=kw["qkv_bias"])
+        written = FAM.codec("original").write(config)
+        assert hub_name_for(written) == (None if kw["untie_global_and_local_cls_norm"] else name)
+        assert (written["ffn_layer"], written["ffn_ratio"]) == (kw["ffn_layer"], kw["ffn_ratio"])
 
 
 @pytest.mark.skipif(not FB_SRC, reason="facebookresearch/dinov3's source: CLAWCONVERT_DINOV3_SRC=/path/to/dinov3")

@@ -222,13 +222,13 @@ def _contradictions(inferred: dict, declared: dict) -> list[str]:
     if "mask_k_bias" in declared and inferred["qkv_bias"] and bool(declared["mask_k_bias"]) != inferred["mask_k_bias"]:
         wrong.append(f"mask_k_bias {bool(declared['mask_k_bias'])} there, {inferred['mask_k_bias']} in the weights "
                      f"(blocks.N.attn.qkv.bias_mask)")
-    if "ffn_layer" in declared:
-        kind = "swiglu" if str(declared["ffn_layer"]).startswith("swiglu") else str(declared["ffn_layer"])
-        if kind != inferred["ffn_layer"]:
-            wrong.append(f"ffn_layer {declared['ffn_layer']} there, {inferred['ffn_layer']} in the weights")
-    if "ffn_ratio" in declared or "ffn_layer" in declared:
-        want = _declared_hidden(inferred["embed_dim"], declared, inferred["ffn_layer"])
-        if want != inferred["hidden"] and not wrong:
+    kind = str(declared.get("ffn_layer", inferred["ffn_layer"]))
+    kind = "swiglu" if kind.startswith("swiglu") else kind
+    if kind != inferred["ffn_layer"]:
+        wrong.append(f"ffn_layer {declared['ffn_layer']} there, {inferred['ffn_layer']} in the weights")
+    elif "ffn_ratio" in declared or "ffn_layer" in declared:
+        want = _declared_hidden(inferred["embed_dim"], declared, kind)
+        if want != inferred["hidden"]:
             wrong.append(f"an MLP {want} wide there, {inferred['hidden']} in the weights")
     if "layerscale_init" in declared and not declared["layerscale_init"]:
         wrong.append("no LayerScale there (layerscale_init), LayerScale in the weights")
@@ -340,13 +340,17 @@ def config_to_original(config) -> dict[str, Any]:
                 untie_global_and_local_cls_norm=False)
 
 
-SHAPE_KWARGS = ("embed_dim", "depth", "num_heads", "ffn_layer", "ffn_ratio", "qkv_bias", "n_storage_tokens",
-                "patch_size", "norm_layer")
+# kwargs a torch-hub entry point may differ in and still load the file into the same model
+HUB_FREE = ("img_size", "drop_path_rate", "layerscale_init", "pos_embed_rope_shift_coords",
+            "pos_embed_rope_jitter_coords", "pos_embed_rope_rescale_coords", "untie_global_and_local_cls_norm")
 
 
 def hub_name_for(kw: dict[str, Any]) -> str | None:
-    """The torch-hub entry point that builds exactly these kwargs' shapes, if any."""
-    return next((name for name, hub in hub_models().items() if all(hub[k] == kw[k] for k in SHAPE_KWARGS)), None)
+    """The torch-hub entry point that builds exactly this model from the file, if any."""
+    def same(hub: dict) -> bool:
+        keys = [k for k in kw if k not in HUB_FREE and (k != "mask_k_bias" or kw["qkv_bias"])]
+        return all(hub.get(k) == kw[k] for k in keys) and not hub["untie_global_and_local_cls_norm"]
+    return next((name for name, hub in hub_models().items() if same(hub)), None)
 
 
 # ------------------------------------------------------------------------------------
@@ -637,7 +641,7 @@ class Dinov3Family(TorchHubViT):
         ckpt.extras.preprocess = {**default_preprocess(), **ckpt.extras.preprocess}
 
     def target_notes(self, ckpt, target: str) -> list[str]:
-        notes = masked_key_bias_note(ckpt) if target != "original" else []
+        notes = masked_key_bias_note(ckpt)
         if ckpt.format == "original" and "local_cls_norm.weight" in ckpt.store:
             notes.append("local_cls_norm (untie_global_and_local_cls_norm: the norm of local crops, used only in "
                          "training) has no place in the target and is not written")
@@ -648,9 +652,7 @@ class Dinov3Family(TorchHubViT):
             notes += mask_token_note(ckpt)
         if target == "original":
             kw = config_to_original(ckpt.config)
-            name = hub_name_for(kw)
-            if name and hub_models()[name]["untie_global_and_local_cls_norm"]:
-                name = None    # that entry point expects local_cls_norm, which is not written
+            name = hub_name_for(kw)    # (not the 7B's: it expects local_cls_norm, which is not written)
             build = (f"torch.hub.load('facebookresearch/dinov3', '{name}', source='github', weights=PATH)" if name else
                      "dinov3.models.vision_transformer.DinoVisionTransformer(" +
                      ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ").load_state_dict(torch.load(PATH))")
