@@ -40,15 +40,10 @@ def _fill(params, seed: int) -> None:
 
 
 def timm_model(variant: str, depth: int = 1, seed: int = 0, **kw):
-    """Built on ``meta`` and filled: no initialisation to pay for (every parameter is drawn, and
-    timm's DINOv2 ViT has no buffers)."""
     import timm
     arch = VARIANTS[variant][0]
-    with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False, depth=depth, img_size=IMAGE, num_classes=0,
-                                  weight_init="skip", **kw)
-    model = model.to_empty(device="cpu")
-    assert not list(model.buffers())
+    model = timm.create_model(arch, pretrained=False, depth=depth, img_size=IMAGE, num_classes=0, weight_init="skip",
+                              **kw)
     _fill(model.named_parameters(), seed)
     return model.eval()
 
