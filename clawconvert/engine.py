@@ -291,7 +291,7 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
     targets: list[TargetTensor] = []
     used: set[str] = set()
     for rule in dst.rules:
-        if all(c in ignore for c in rule.canonical):
+        if rule.canonical and all(c in ignore for c in rule.canonical):
             continue
         have = [c in canonical_shapes for c in rule.canonical]
         if not all(have):
@@ -308,8 +308,10 @@ def plan_conversion(source: TensorStore, src: ExpandedTable, dst: ExpandedTable,
             continue
         used.update(rule.canonical)
         dst_rules.append(rule)
+        # a derived tensor (no canonical input: DINOv3's RoPE periods) takes the checkpoint's floating dtype
+        like = canonical_dtypes[rule.canonical[0]] if rule.canonical else _float_dtype(source)
         for name, shape in zip(rule.format, shapes):
-            targets.append(TargetTensor(name, tuple(shape), output_dtype(canonical_dtypes[rule.canonical[0]], dtype)))
+            targets.append(TargetTensor(name, tuple(shape), output_dtype(like, dtype)))
 
     # 5. nothing canonical may be silently lost on the way out
     for name in canonical_shapes:

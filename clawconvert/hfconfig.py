@@ -65,6 +65,19 @@ _DINOV2_COMMON = {
 }
 _DINOV2 = {**_DINOV2_COMMON, "use_mask_token": ("bool", True)}
 _DINOV2_REG = {**_DINOV2_COMMON, "patch_size": ("size", 16), "num_register_tokens": ("int", 4)}
+# DINOv3 ViT: an explicit intermediate_size, RoPE (rope_theta), one bias flag per projection
+_DINOV3_VIT = {
+    "patch_size": ("size", 16), "hidden_size": ("int", 384), "intermediate_size": ("int", 1536),
+    "num_hidden_layers": ("int", 12), "num_attention_heads": ("int", 6), "hidden_act": ("str", "gelu"),
+    "attention_dropout": ("num", 0.0), "initializer_range": ("float", 0.02), "layer_norm_eps": ("float", 1e-5),
+    "rope_theta": ("float", 100.0), "image_size": ("size", 224), "num_channels": ("int", 3),
+    "query_bias": ("bool", True), "key_bias": ("bool", False), "value_bias": ("bool", True),
+    "proj_bias": ("bool", True), "mlp_bias": ("bool", True), "layerscale_value": ("float", 1.0),
+    "drop_path_rate": ("num", 0.0), "use_gated_mlp": ("bool", False), "num_register_tokens": ("int", 0),
+    "pos_embed_shift": ("float?", None), "pos_embed_jitter": ("float?", None), "pos_embed_rescale": ("float?", 2.0),
+    "apply_layernorm": ("bool", True), "reshape_hidden_states": ("bool", True),
+    "stage_names": ("list?", None), "out_features": ("list?", None), "out_indices": ("list?", None),
+}
 
 
 def _backbone_stages(values: dict[str, Any]) -> None:
@@ -109,6 +122,7 @@ SCHEMAS: dict[str, Schema] = {s.model_type: s for s in [
     Schema("siglip2_vision_model", "Siglip2VisionConfig", _SIGLIP2_VISION),
     Schema("dinov2", "Dinov2Config", _DINOV2, derive=_backbone_stages),
     Schema("dinov2_with_registers", "Dinov2WithRegistersConfig", _DINOV2_REG, derive=_backbone_stages),
+    Schema("dinov3_vit", "DINOv3ViTConfig", _DINOV3_VIT, derive=_backbone_stages),
 ]}
 
 # keys transformers rewrites on save rather than carrying over

@@ -25,6 +25,12 @@ table spelling             load (format -> canonical)                 save (inve
 ``fold: {dim: D}``         [a', b'] -> [a, b]: a = a', b = [-0.0; b']   a' = a + b[0], b' = b[1:]
                            (timm register models fold the class         (exact in function; see
                            position into the class token)               :class:`Fold`)
+``masked_split: {parts: N, [t, mask] -> the kept parts of t; mask must  t with zeros in the
+  keep: [i, ...]}``        be 1 on them and 0 elsewhere (DINOv3's qkv   masked parts, and the
+                           bias_mask zeroes the k bias)                 mask (:class:`MaskedSplit`)
+``rope_periods: {theta:    a format tensor that is a function of the    computed from the
+  NAME, head_dim: EXPR}``  config: nothing canonical (DINOv3's RoPE     config (``derived:``
+                           periods buffer)                              entries of a table)
 =========================  =========================================  =====================
 
 Shapes and sizes may be expressions over the family's named dimensions (``D``,
@@ -435,6 +441,136 @@ class Fold(Op):
         return [total, rest]
 
 
+class MaskedSplit(Op):
+    """A fused tensor stored beside a 0/1 mask that switches some of its parts off in every forward pass.
+
+    facebookresearch DINOv3's ``LinearKMaskedBias`` stores ``qkv.bias`` (3D) and ``qkv.bias_mask``
+    (1 on q and v, 0 on k) and adds ``bias * bias_mask``: the k bias is never used, and transformers'
+    ``DINOv3ViTModel`` (``key_bias: false``) and timm (a zero ``k_bias`` buffer) have none.  ``load``
+    checks the mask is exactly 1 on the kept parts and 0 on the others (a NaN mask, never
+    initialised, is refused) and gives the kept parts; ``save`` writes zeros in the masked parts
+    and the mask, in the tensor's dtype.
+
+    * canonical -> format -> canonical is exact bit for bit;
+    * format -> canonical -> format is exact when the masked parts held zeros, otherwise in
+      function only (every forward pass multiplies them by 0); the family says so in a note.
+    """
+
+    name = "masked_split"
+    arity_in = 2
+
+    def __init__(self, spec: Any, parts: int):
+        if not isinstance(spec, dict) or set(spec) - {"parts", "keep"} or "keep" not in spec:
+            raise ClawError("masked_split: write {parts: N, keep: [i, ...]}")
+        self.parts = int(spec.get("parts", 3))
+        self.keep = [int(i) for i in spec["keep"]]
+        if sorted(set(self.keep)) != self.keep or not all(0 <= i < self.parts for i in self.keep):
+            raise ClawError(f"masked_split: keep {self.keep} is not an increasing list of parts below {self.parts}")
+        if len(self.keep) != parts:
+            raise ClawError(f"masked_split: keeps {len(self.keep)} parts for {parts} tensors")
+
+    @property
+    def arity_out(self):  # type: ignore[override]
+        return len(self.keep)
+
+    def _size(self, shape: Shape) -> int:
+        if len(shape) != 1 or shape[0] % self.parts:
+            raise ClawError(f"masked_split: shape {tuple(shape)} does not split into {self.parts} equal parts")
+        return shape[0] // self.parts
+
+    def _pattern(self, n: int, dtype) -> np.ndarray:
+        out = np.zeros(n * self.parts, dtype=dtype)
+        for i in self.keep:
+            out[i * n:(i + 1) * n] = 1
+        return out
+
+    def load(self, xs):
+        t, mask = xs
+        n = self._size(t.shape)
+        if tuple(mask.shape) != tuple(t.shape):
+            raise ClawError(f"masked_split: the mask's shape {tuple(mask.shape)} is not the tensor's {tuple(t.shape)}")
+        if isinstance(t, _Standin):
+            return [_Standin((n,)) for _ in self.keep]
+        if not np.array_equal(np.asarray(mask, dtype=np.float32), self._pattern(n, np.float32)):
+            raise ClawError(f"masked_split: the mask is not 1 on parts {self.keep} of {self.parts} and 0 elsewhere "
+                            f"(a mask that was never initialised holds NaN)")
+        return [t[i * n:(i + 1) * n] for i in self.keep]
+
+    def save(self, ys):
+        shapes = {tuple(y.shape) for y in ys}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ClawError(f"masked_split: parts of shapes {[tuple(y.shape) for y in ys]} are not equal vectors")
+        n = int(ys[0].shape[0])
+        if isinstance(ys[0], _Standin):
+            return [_Standin((n * self.parts,)), _Standin((n * self.parts,))]
+        out = np.zeros(n * self.parts, dtype=ys[0].dtype)
+        for i, y in zip(self.keep, ys):
+            copy_into(out[i * n:(i + 1) * n], y)
+        return [out, self._pattern(n, ys[0].dtype)]
+
+
+def rope_periods(theta: float, head_dim: int) -> np.ndarray:
+    """DINOv3's RoPE periods ``theta ** (2 i / (head_dim / 2))``, ``i < head_dim / 4``, as float32.
+
+    facebookresearch's ``RopePositionEmbedding`` computes them with torch in float32 (the
+    exponent rounded to float32, then ``pow``); here the power of that exponent is computed in
+    float64 and rounded once.  For theta 100 and head widths 16, 32, 64 and 128 (every published
+    DINOv3) the bytes equal torch's; elsewhere they may differ from torch's ``pow`` in the last bit.
+    """
+    n = head_dim // 4
+    exponent = (2 * np.arange(n, dtype=np.float32)) / np.float32(head_dim // 2)
+    return np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
+
+
+class RopePeriods(Op):
+    """A format tensor that is a function of the config alone, with nothing canonical beside it.
+
+    facebookresearch DINOv3 stores its RoPE periods as a persistent buffer (``rope_embed.periods``);
+    transformers and timm compute RoPE from ``rope_theta`` and store nothing.  ``load`` checks the
+    shape (and, given data, the values) and gives nothing: the family reads ``rope_theta`` from the
+    buffer when it reads the config.  ``save`` computes it (:func:`rope_periods`).  Tables list it
+    under ``derived:``, not ``tensors:``.
+    """
+
+    name = "rope_periods"
+    arity_in = 1
+    arity_out = 0
+
+    def __init__(self, spec: Any, dims: dict[str, Any]):
+        if not isinstance(spec, dict) or set(spec) != {"theta", "head_dim"}:
+            raise ClawError("rope_periods: write {theta: PARAM, head_dim: SIZE}")
+        theta = dims.get(str(spec["theta"]))
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+            raise ClawError(f"rope_periods: theta names param '{spec['theta']}', which is not a number")
+        self.theta = float(theta)
+        self.head_dim = evaluate(spec["head_dim"], dims)
+        if self.head_dim <= 0 or self.head_dim % 4:
+            raise ClawError(f"rope_periods: head width {self.head_dim} is not a positive multiple of 4")
+
+    def load(self, xs):
+        (t,) = xs
+        if tuple(t.shape) != (self.head_dim // 4,):
+            raise ClawError(f"rope_periods: shape {tuple(t.shape)}, expected ({self.head_dim // 4},) for "
+                            f"{self.head_dim}-wide heads")
+        if not isinstance(t, _Standin):
+            got = np.asarray(t, dtype=np.float64)
+            want = rope_periods(self.theta, self.head_dim).astype(np.float64)
+            rtol = 1e-6 if t.dtype.itemsize >= 4 else 1e-2
+            if not np.allclose(got, want, rtol=rtol, atol=0):
+                raise ClawError(f"rope_periods: the stored periods are not {self.theta:g} ** (4 i / {self.head_dim})")
+        return []
+
+    def save(self, ys):
+        if ys:
+            raise ClawError("rope_periods: takes no canonical tensor")
+        return [rope_periods(self.theta, self.head_dim)]
+
+    def save_shapes(self, shapes):
+        if shapes:
+            raise ClawError("rope_periods: takes no canonical tensor")
+        return [(self.head_dim // 4,)]
+
+
 @dataclass
 class Chain:
     """Ops applied in order on load, in reverse order (each inverted) on save."""
@@ -502,6 +638,8 @@ OPS: dict[str, Callable[[Any, dict[str, int], int, int], Op]] = {
     "constant": lambda a, d, nf, nc: Constant(a, d, nc),
     "absent": lambda a, d, nf, nc: Absent(a, d, nc),
     "fold": lambda a, d, nf, nc: Fold(a),
+    "masked_split": lambda a, d, nf, nc: MaskedSplit(a, nc),
+    "rope_periods": lambda a, d, nf, nc: RopePeriods(a, d),
 }
 
 

@@ -20,6 +20,8 @@ Schema (validated on load; every problem is reported with the table's name and e
         from: visual.transformer.resblocks.{vlayer}.attn.in_proj_{p}
         op: split                  # one format tensor -> the three canonical ones
     drop: [attn_mask]              # format tensors that are not weights (buffers); ignored
+    derived:                       # format tensors computed from the config, nothing canonical beside them
+      rope_embed.periods: {op: {rope_periods: {theta: rope_theta, head_dim: head_dim}}}
 
 ``{a,b,c}`` (with commas) in a canonical key lists several canonical tensors, in order;
 ``from`` may be a list for several format tensors (an empty list with a ``constant`` op:
@@ -52,7 +54,7 @@ from .ops import Chain, build_chain
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ALTERNATION = re.compile(r"\{([^{}]*,[^{}]*)\}")
-_TOP_KEYS = {"format", "family", "placeholders", "identity", "tensors", "drop", "description"}
+_TOP_KEYS = {"format", "family", "placeholders", "identity", "tensors", "drop", "derived", "description"}
 _ENTRY_KEYS = {"from", "op", "optional", "note", "when"}
 
 
@@ -82,6 +84,7 @@ class Table:
     placeholders: dict[str, Any]
     tensors: dict[str, Any]
     drop: list[str]
+    derived: dict[str, Any] = field(default_factory=dict)
 
     def expand(self, params: dict[str, Any], canonical_keys: list[str] | None = None) -> "ExpandedTable":
         """Resolve placeholders against a model's params into concrete rules."""
@@ -99,6 +102,14 @@ class Table:
                 if isinstance(variant, dict) and "when" in variant and not _holds(self.name, key, variant["when"], params):
                     continue
                 rules.extend(self._expand_entry(key, variant, values, params))
+        for key, entry in self.derived.items():
+            if "when" in entry and not _holds(self.name, key, entry["when"], params):
+                continue
+            try:
+                chain = build_chain(entry.get("op"), params, 1, 0)
+            except ClawError as e:
+                raise ClawError(f"{self.name}: derived '{key}': {e}") from e
+            rules.append(Rule((), (key,), chain, False, f"{self.name}: {key}"))
         return ExpandedTable(self, rules, self._drop_patterns(params))
 
     def _drop_patterns(self, params: dict[str, Any]) -> list[re.Pattern]:
@@ -228,6 +239,10 @@ def _validate(name: str, data: Any) -> None:
                     raise ClawError(f"mapping table {name}: entry '{key}' uses undeclared placeholder '{{{n}}}'")
     if not isinstance(data.get("drop", []) or [], list):
         raise ClawError(f"mapping table {name}: 'drop' must be a list")
+    derived = data.get("derived") or {}
+    if not isinstance(derived, dict) or not all(isinstance(v, dict) and "op" in v and not set(v) - {"op", "when", "note"}
+                                                for v in derived.values()):
+        raise ClawError(f"mapping table {name}: 'derived' maps format tensors to {{op: ..., when: ...}}")
 
 
 def read_yaml(path: Path, what: str, missing: str) -> tuple[Any, bytes]:
@@ -252,4 +267,5 @@ def load_table(family: str, fmt: str) -> Table:
         raise ClawError(f"mapping table {name}: declares format/family {data['format']}/{data['family']}")
     return Table(name=name, format=fmt, family=family, sha256=hashlib.sha256(raw).hexdigest(),
                  identity=bool(data.get("identity", False)), placeholders=data.get("placeholders") or {},
-                 tensors=data.get("tensors") or {}, drop=list(data.get("drop") or []))
+                 tensors=data.get("tensors") or {}, drop=list(data.get("drop") or []),
+                 derived=data.get("derived") or {})

@@ -60,14 +60,26 @@ def _same_tensors(a: dict, b: dict) -> None:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+@pytest.fixture(scope="module")
+def timm_source(tmp_path_factory):
+    """timm's own save_for_hf of each variant, made once and shared by the tests (which only read it)."""
+    root, made = tmp_path_factory.mktemp("dinov2-timm"), {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            made[variant] = synth.timm_dir(variant, root / variant)
+        return made[variant]
+    return get
+
+
 def _verify(variant: str) -> bool:
     """--verify runs both frameworks once more: the giant shapes (113 MB a layer) check it in one direction only."""
     return not variant.startswith("g")
 
 
 @pytest.mark.parametrize("variant", list(synth.VARIANTS))
-def test_timm_to_hf_to_timm(variant, tmp_path):
-    src = synth.timm_dir(variant, tmp_path / "timm")
+def test_timm_to_hf_to_timm(variant, tmp_path, timm_source):
+    src = timm_source(variant)
     ref = _timm(src)
     r = clawconvert.convert(src, tmp_path / "hf", to="hf", verify=True)
     assert r.verification["passed"] and r.verification["max_abs_diff"] <= TOL
@@ -181,8 +193,11 @@ def test_clip_and_siglip_checkpoints_given_a_dinov2_name_are_refused(tmp_path, c
     assert not (tmp_path / "x").exists()
 
 
-def test_timm_configs_dinov2_has_no_form_for_are_refused(tmp_path, cli):
-    src = synth.timm_dir("S", tmp_path / "timm")
+def test_timm_configs_dinov2_has_no_form_for_are_refused(tmp_path, cli, timm_source):
+    src = tmp_path / "timm"
+    src.mkdir()
+    for f in timm_source("S").iterdir():    # a copy: its config.json is rewritten below
+        (src / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((src / "config.json").read_text())
     for change, needle in (({"num_classes": 1000}, "a classification head"),
                            ({"model_args": {**cfg["model_args"], "qk_norm": True}}, "model_args.qk_norm"),
@@ -193,8 +208,8 @@ def test_timm_configs_dinov2_has_no_form_for_are_refused(tmp_path, cli):
     assert not (tmp_path / "x").exists()
 
 
-def test_extract_visual_is_a_verified_conversion(tmp_path, cli):
-    src = synth.timm_dir("L-reg4", tmp_path / "timm")
+def test_extract_visual_is_a_verified_conversion(tmp_path, cli, timm_source):
+    src = timm_source("L-reg4")
     clawconvert.convert(src, tmp_path / "hf", to="hf")
     r = cli("extract-visual", tmp_path / "hf", tmp_path / "v", "--to", "timm", "--verify")
     assert r.code == 0, r.err
@@ -256,8 +271,8 @@ def test_facebookresearch_code_reads_the_original_output(tmp_path):
         print(f"facebookresearch DinoVisionTransformer vs transformers, {variant}: max |diff| {diff:.2g}")
 
 
-def test_inspect_and_verify_commands(tmp_path, cli):
-    src = synth.timm_dir("S-reg4", tmp_path / "timm")
+def test_inspect_and_verify_commands(tmp_path, cli, timm_source):
+    src = timm_source("S-reg4")
     clawconvert.convert(src, tmp_path / "hf", to="hf")
     r = cli("verify", src, tmp_path / "hf")
     assert r.code == 0 and "last_hidden_state 0" in r.out, r.err

@@ -49,6 +49,20 @@ def dinov2_dirs(tmp_path_factory) -> dict[str, Path]:
     return {"{timm}": timm_dir, "{dhf}": root / "hf", "{orig}": root / "orig.safetensors", "{pth}": pth}
 
 
+@pytest.fixture(scope="module")
+def dinov3_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny timm DINOv3 (SwiGLU, q/v bias, registers) saved by timm, its HF form, and a torch-hub .pth."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dinov3_synth as synth
+    import clawconvert
+    root = tmp_path_factory.mktemp("dinov3")
+    timm_dir = synth.timm_dir("vit_small_plus_patch16_dinov3_qkvb", root / "timm")
+    clawconvert.convert(timm_dir, root / "hf", to="hf")
+    pth = synth.original_file("dinov3_vits16", root / "dinov3_vits16.pth")     # torch.save's own file
+    (root / "kw.json").write_text(json.dumps({**synth.hub_kwargs("dinov3_vits16"), "depth": 1}))
+    return {"{d3timm}": timm_dir, "{d3hf}": root / "hf", "{d3pth}": pth, "{d3kw}": root / "kw.json"}
+
+
 def run_clean(argv: list[str]) -> tuple[int, list[str]]:
     res = subprocess.run([sys.executable, "-c", RUN, json.dumps([str(a) for a in argv])],
                          capture_output=True, text=True, cwd=ROOT)
@@ -72,14 +86,21 @@ def run_clean(argv: list[str]) -> tuple[int, list[str]]:
     ["convert", "{orig}", "{out}/hf", "--to", "hf"],
     ["convert", "{pth}", "{out}/hf", "--to", "hf", "--from", "original"],
     ["extract-visual", "{timm}", "{out}/v", "--to", "hf"],
+    ["convert", "{d3timm}", "{out}/hf", "--to", "hf"],
+    ["convert", "{d3hf}", "{out}/dinov3.pth", "--to", "original"],
+    ["convert", "{d3pth}", "{out}/hf", "--to", "timm", "--model-config", "{d3kw}"],
 ], ids=["openclip-hf", "openclip-hf-bf16", "bigvision-hf", "bigvision-openclip", "naflex-hf",
         "extract-visual", "extract-text", "inspect", "dinov2-timm-hf", "dinov2-hf-timm", "dinov2-hf-pth",
-        "dinov2-original-hf", "dinov2-pth-hf", "dinov2-extract-visual"])
+        "dinov2-original-hf", "dinov2-pth-hf", "dinov2-extract-visual", "dinov3-timm-hf", "dinov3-hf-pth",
+        "dinov3-pth-timm"])
 def test_command_imports_no_framework(argv, tmp_path, request):
     if "{b16}" in argv:  # open_clip builds SigLIP towers from timm names: a real shape is needed
         argv = [request.getfixturevalue("b16_npz") if a == "{b16}" else a for a in argv]
     if any(str(a).startswith(("{timm}", "{dhf}", "{orig}", "{pth}")) for a in argv):
         dirs = request.getfixturevalue("dinov2_dirs")
+        argv = [dirs.get(str(a), a) for a in argv]
+    if any(str(a).startswith("{d3") for a in argv):
+        dirs = request.getfixturevalue("dinov3_dirs")
         argv = [dirs.get(str(a), a) for a in argv]
     code, imported = run_clean([str(a).replace("{out}", str(tmp_path)) for a in argv])
     assert code == 0

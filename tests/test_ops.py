@@ -100,7 +100,45 @@ def test_unknown_op_and_wrong_arity_are_refused():
 
 def test_vocabulary_is_closed_and_all_ops_tested():
     assert set(OPS) == {"transpose", "permute", "reshape", "squeeze", "unsqueeze", "split", "concat", "constant",
-                        "absent", "fold"}
+                        "absent", "fold", "masked_split", "rope_periods"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_split_keeps_the_unmasked_parts_and_checks_the_mask(dtype):
+    """DINOv3's qkv bias and bias_mask: torch's own bias * mask is what the kept parts stand for."""
+    spec = {"masked_split": {"parts": 3, "keep": [0, 2]}}
+    bias = torch.randn(12).to(dtype)
+    mask = torch.cat([torch.ones(4), torch.zeros(4), torch.ones(4)]).to(dtype)
+    bias[4:8] = 0                                  # trained k third: its gradient is masked, it stays at 0
+    q, v = roundtrip(spec, [bias, mask], 2)
+    assert torch.equal(torch.cat([q, torch.zeros(4, dtype=dtype), v]), bias * mask)
+    chain = build_chain(spec, {}, 2, 2)
+    bias[4:8] = 3.0                                # a non-zero k third: dropped, the same function
+    f_bias, f_mask = (as_torch(t) for t in chain.save(chain.load([as_numpy(bias), as_numpy(mask)])))
+    assert torch.equal(f_bias * f_mask, bias * mask) and torch.equal(f_mask, mask)
+    for bad in (torch.full((12,), float("nan")), torch.ones(12)):
+        with pytest.raises(ClawError, match="not 1 on parts"):
+            chain.load([as_numpy(bias), as_numpy(bad.to(dtype))])
+    with pytest.raises(ClawError, match="equal parts"):
+        chain.load_shapes([(10,), (10,)])
+    with pytest.raises(ClawError, match="keeps 1 parts for 2"):
+        build_chain({"masked_split": {"keep": [1]}}, {}, 2, 2)
+
+
+@pytest.mark.parametrize("head", [16, 32, 64, 128])
+def test_rope_periods_are_the_bytes_facebookresearch_computes(head):
+    """RopePositionEmbedding._init_weights in float32 (torch) for every published DINOv3 head width, theta 100."""
+    chain = build_chain({"rope_periods": {"theta": "rope_theta", "head_dim": "hd"}}, {"rope_theta": 100.0, "hd": head}, 1, 0)
+    want = 100.0 ** (2 * torch.arange(head // 4, dtype=torch.float32) / (head // 2))
+    (got,) = chain.save([])
+    assert torch.equal(as_torch(got), want) and chain.save_shapes([]) == [(head // 4,)]
+    assert chain.load([as_numpy(want)]) == [] and chain.load_shapes([(head // 4,)]) == []
+    with pytest.raises(ClawError, match="not 100"):
+        chain.load([as_numpy(want * 1.01)])
+    with pytest.raises(ClawError, match="expected"):
+        chain.load_shapes([(head // 4 + 1,)])
+    with pytest.raises(ClawError, match="not a number"):
+        build_chain({"rope_periods": {"theta": "hd", "head_dim": 8}}, {"hd": True}, 1, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

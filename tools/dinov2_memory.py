@@ -1,11 +1,12 @@
-"""Peak memory of DINOv2 conversions on a full-depth ViT-L/14 with 4 registers (1.22 GB fp32).
+"""Peak memory of DINOv2 / DINOv3 conversions on a full-depth ViT-L with 4 registers (1.2 GB fp32).
 
 Writes the model in the HF layout (seeded, streamed tensor by tensor), then runs each
 conversion in a child process that imports every framework first, resets the kernel's
 peak-RSS counter (``/proc/self/clear_refs`` = 5) and reports the peak resident memory the
 conversion added (``VmHWM``), as ``tests/test_streaming_memory.py`` measures it.
 
-    python tools/dinov2_memory.py [WORKDIR]        # figures in docs/dinov2.md
+    python tools/dinov2_memory.py [WORKDIR]            # ViT-L/14 reg4, 518 px; figures in docs/dinov2.md
+    python tools/dinov2_memory.py --dinov3 [WORKDIR]   # DINOv3 ViT-L/16, 224 px; figures in docs/dinov3.md
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from clawconvert.families.dinov2 import FAMILY, make_config
+from clawconvert.families import dinov2, dinov3
 from clawconvert.io.writers import SafetensorsWriter
 from clawconvert.tables import load_table
 
@@ -33,10 +34,13 @@ print(status("VmHWM") - base)
 """
 
 
-def write_hf(out: Path) -> int:
-    config = make_config(1024, 24, 16, 4096, False, 4, 518, 14)
-    shapes = FAMILY.canonical_shapes(config)
-    table = load_table("dinov2", "hf").expand(FAMILY.params(config), list(shapes))
+def write_hf(out: Path, family) -> int:
+    if family is dinov3.FAMILY:
+        config = dinov3.make_config(1024, 24, 16, 4096, False, 4)
+    else:
+        config = dinov2.make_config(1024, 24, 16, 4096, False, 4, 518, 14)
+    shapes = family.canonical_shapes(config)
+    table = load_table(family.name, "hf").expand(family.params(config), list(shapes))
     plan = []
     for rule in (r for r in table.rules if all(c in shapes for c in r.canonical)):
         plan += zip(rule.format, rule.chain.save_shapes([shapes[c] for c in rule.canonical]))
@@ -46,15 +50,18 @@ def write_hf(out: Path) -> int:
     for name, shape in plan:
         writer.write(name, torch.randn(shape, generator=g) * 0.02)
     writer.close()
-    config.architectures = [FAMILY.hf_architecture(config)]
+    config.architectures = [family.hf_architecture(config)]
     config.save_pretrained(out)
     return writer.total_size
 
 
 def main() -> None:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="dinov2-mem-"))
-    size = write_hf(root / "hf")
-    print(f"ViT-L/14 reg4, 518 px, 24 layers: {size / 1e9:.2f} GB fp32 in {root / 'hf'}")
+    args = [a for a in sys.argv[1:] if a != "--dinov3"]
+    family = dinov3.FAMILY if "--dinov3" in sys.argv[1:] else dinov2.FAMILY
+    root = Path(args[0]) if args else Path(tempfile.mkdtemp(prefix=f"{family.name}-mem-"))
+    size = write_hf(root / "hf", family)
+    what = "DINOv3 ViT-L/16, 224 px" if family is dinov3.FAMILY else "DINOv2 ViT-L/14 reg4, 518 px"
+    print(f"{what}, 24 layers: {size / 1e9:.2f} GB fp32 in {root / 'hf'}")
     for src, dst, to, fmt in (("hf", "timm", "timm", "hf"), ("timm", "hf2", "hf", "timm"),
                               ("hf", "L.pth", "original", "hf"), ("L.pth", "hf3", "hf", "original")):
         r = subprocess.run([sys.executable, "-c", CHILD, str(root / src), str(root / dst), to, fmt],

@@ -3,10 +3,12 @@
 * ``mappings/siglip/timm_archs.json``: the timm SigLIP architectures OpenCLIP builds an image
   tower from (OpenCLIP names a registered timm model);
 * ``mappings/dinov2/timm_archs.json``: the timm DINOv2 architectures a timm ``config.json``
-  names (``model_args`` override them).
+  names (``model_args`` override them);
+* ``mappings/dinov3/timm_archs.json``: the same for timm's DINOv3 ViTs (the Eva model).
 
-This script regenerates both from the installed timm (``tests/test_hfconfig.py`` and
-``tests/test_dinov2.py`` fail when a table and the installed timm disagree).
+This script regenerates them from the installed timm (``tests/test_hfconfig.py``,
+``tests/test_dinov2.py`` and ``tests/test_dinov3.py`` fail when a table and the installed timm
+disagree).
 
     python tools/make_timm_archs.py
 """
@@ -18,12 +20,13 @@ from pathlib import Path
 
 import timm
 
-from clawconvert.families import dinov2, siglip
+from clawconvert.families import dinov2, dinov3, siglip
 
 MAPPINGS = Path(__file__).resolve().parent.parent / "mappings"
 TABLES = {
     "siglip": (siglip.scan_timm_archs, "timm SigLIP ViTs with a MAP head"),
     "dinov2": (dinov2.scan_timm_archs, "timm DINOv2 ViTs (vit_*_dinov2)"),
+    "dinov3": (dinov3.scan_timm_archs, "timm DINOv3 ViTs (vit_*_dinov3*, Eva)"),
 }
 
 

@@ -28,10 +28,12 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
                    help="source format, when auto-detection is not wanted: openclip, hf, big_vision, timm, original")
     g.add_argument("--model-name", metavar="NAME",
                    help="OpenCLIP checkpoint file: a built-in open_clip model config (e.g. ViT-B-32); "
-                        "DINOv2 torch-hub file: its hub name (e.g. dinov2_vits14, dinov2_vitg14_reg)")
+                        "DINOv2 / DINOv3 torch-hub file: its hub name (e.g. dinov2_vits14, dinov2_vitg14_reg, "
+                        "dinov3_vitb16, dinov3_vit7b16)")
     g.add_argument("--model-config", metavar="FILE",
-                   help="OpenCLIP checkpoint file: a model config JSON (bare or with 'model_cfg'); DINOv2 "
-                        "torch-hub file: DinoVisionTransformer's keyword arguments as JSON (e.g. num_heads)")
+                   help="OpenCLIP checkpoint file: a model config JSON (bare or with 'model_cfg'); DINOv2 / "
+                        "DINOv3 torch-hub file: DinoVisionTransformer's keyword arguments as JSON (e.g. "
+                        "num_heads, norm_layer)")
     g.add_argument("--unsafe-pickle", action="store_true",
                    help="load pickle checkpoints without weights_only (runs code from the file: trusted files only)")
     g.add_argument("--check-finite", action="store_true",

@@ -9,7 +9,7 @@ from .common import add_output_options, add_source_options
 
 ORDER = 10
 
-HELP = ("convert a CLIP/SigLIP/DINOv2 checkpoint between OpenCLIP, transformers, big_vision, timm and torch hub "
+HELP = ("convert a CLIP/SigLIP/DINOv2/DINOv3 checkpoint between OpenCLIP, transformers, big_vision, timm and torch hub "
         "(or research code to HF)")
 DESCRIPTION = """\
 Convert SRC into the format given by --to and write it to the directory DST.
@@ -20,9 +20,12 @@ open_clip_model.safetensors / open_clip_pytorch_model.bin), a transformers direc
 directory (config.json with `architecture`, as timm's save_for_hf writes it), or an
 OpenCLIP checkpoint file (.pt/.bin/.safetensors, training checkpoints with optimizer state
 and DDP `module.` prefixes included) together with --model-name or --model-config.
-A DINOv2 torch-hub state dict (dinov2_vits14_pretrain.pth ...) takes --model-name with its
-hub name, --model-config, or --from original; written with --to original (DST.pth or
-DST.safetensors).
+A DINOv2 or DINOv3 torch-hub state dict (dinov2_vits14_pretrain.pth,
+dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth ...) takes --model-name with its hub name,
+--model-config, or --from original; written with --to original (DST.pth or DST.safetensors).
+A DINOv3 file says its architecture in its shapes; its LayerNorm eps and image size are not
+in it and default to the published models' (1e-5, 224 px) unless --model-name or
+--model-config say otherwise.
 SRC may also be hf-hub:org/name[@revision].
 
 Research-code checkpoints convert to their transformers form (--to hf): a Qwen-1 causal LM
@@ -45,6 +48,7 @@ examples:
   clawconvert convert dinov2_vitb14_reg4_pretrain.pth out/hf --to hf --model-name dinov2_vitb14_reg --verify
   clawconvert convert out/hf out/dinov2-timm --to timm --verify
   clawconvert convert out/dinov2-timm out/dinov2_vitb14_reg.pth --to original
+  clawconvert convert dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth out/d3 --to hf --model-name dinov3_vitb16 --verify
   clawconvert convert Qwen-7B out/qwen2 --to hf
   clawconvert convert llava-v1.5-7b out/llava-hf --to hf --vision clip-vit-large-patch14-336"""
 

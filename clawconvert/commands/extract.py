@@ -27,10 +27,11 @@ outputs (--to):
   openclip  the tower's OpenCLIP tensors (visual.*) with open_clip_config.json; built
             with open_clip's own tower builder (the command prints the lines).
 
-A DINOv2 model (hf, timm or torch-hub original) is one image tower: extract-visual
-converts it whole (hf: Dinov2Model / Dinov2WithRegistersModel; timm: its
-vit_*_dinov2 architecture, loadable with timm.create_model("local-dir:DST")), and
---verify compares the output with the source, each in its own framework.""",
+A DINOv2 or DINOv3 model (hf, timm or torch-hub original) is one image tower:
+extract-visual converts it whole (hf: Dinov2Model / Dinov2WithRegistersModel /
+DINOv3ViTModel; timm: its vit_*_dinov2 / vit_*_dinov3 architecture, loadable with
+timm.create_model("local-dir:DST")), and --verify compares the output with the source,
+each in its own framework.""",
         examples="""\
 examples:
   clawconvert extract-visual fixtures/openclip_tiny out/vision --verify

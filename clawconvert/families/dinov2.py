@@ -75,10 +75,6 @@ def hub_models() -> dict[str, dict]:
     return {name: {**data["defaults"], **kw} for name, kw in data["models"].items()}
 
 
-def is_hub_name(name: str | None) -> bool:
-    return bool(name) and str(name).startswith("dinov2_")
-
-
 # ------------------------------------------------------------------------------------
 # the MLP width in transformers' terms (an integer mlp_ratio)
 # ------------------------------------------------------------------------------------
@@ -157,12 +153,12 @@ def _check_hf_numerics(config, where: str) -> None:
 # ------------------------------------------------------------------------------------
 # original (facebookresearch torch hub): the architecture from shapes, checked against a config
 # ------------------------------------------------------------------------------------
-def _shape(store, key: str, rank: int) -> tuple[int, ...]:
+def _shape(store, key: str, rank: int, what: str = "DINOv2") -> tuple[int, ...]:
     if key not in store:
-        raise ClawError(f"{store.path}: not a complete DINOv2 state dict: tensor '{key}' is missing")
+        raise ClawError(f"{store.path}: not a complete {what} state dict: tensor '{key}' is missing")
     shape = tuple(int(d) for d in store.info(key).shape)
     if len(shape) != rank:
-        raise ClawError(f"{store.path}: '{key}' has shape {shape}; a DINOv2 checkpoint has a {rank}-d tensor there")
+        raise ClawError(f"{store.path}: '{key}' has shape {shape}; a {what} checkpoint has a {rank}-d tensor there")
     return shape
 
 
@@ -378,13 +374,18 @@ def config_to_timm(config, preprocess: dict | None = None) -> dict[str, Any]:
         args["mlp_ratio"] = _mlp_ratio(width, fc1)
     if "img_size" in args:
         args["img_size"] = [args["img_size"]] * 2
-    pre = {**default_preprocess(), **(preprocess or {})}
-    size = want["img_size"]
+    return timm_config_json(arch.name, width, args, want["in_chans"], want["img_size"],
+                            {**default_preprocess(), **(preprocess or {})})
+
+
+def timm_config_json(arch: str, width: int, args: dict, in_chans: int, size: int, pre: dict,
+                     fixed_input_size: bool = True) -> dict[str, Any]:
+    """A backbone's ``config.json`` as timm's ``save_for_hf`` writes it (no head, token pooling)."""
     return {
-        "architecture": arch.name, "num_classes": 0, "num_features": width, "global_pool": "token",
+        "architecture": arch, "num_classes": 0, "num_features": width, "global_pool": "token",
         **({"model_args": args} if args else {}),
         "pretrained_cfg": {
-            "custom_load": False, "input_size": [want["in_chans"], size, size], "fixed_input_size": True,
+            "custom_load": False, "input_size": [in_chans, size, size], "fixed_input_size": fixed_input_size,
             "interpolation": pre.get("interpolation", "bicubic"), "crop_pct": float(pre.get("crop_pct", 1.0)),
             "crop_mode": "center", "mean": list(pre["mean"]), "std": list(pre["std"]), "num_classes": 0,
             "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head",
@@ -434,13 +435,13 @@ def scan_timm_archs() -> tuple[TimmArch, ...]:
 # ------------------------------------------------------------------------------------
 # the family
 # ------------------------------------------------------------------------------------
-def _mask_token_note(ckpt) -> list[str]:
+def mask_token_note(ckpt) -> list[str]:
     """timm has no mask token: say so when the source's is not the zeros timm's reader would give."""
     import numpy as np
 
     from ..tables import load_table
-    rule = load_table("dinov2", ckpt.format).expand(ckpt.table_params(), list(FAMILY.canonical_shapes(ckpt.config))
-                                                    ).by_canonical.get("embeddings.mask_token")
+    rule = load_table(ckpt.family.name, ckpt.format).expand(
+        ckpt.table_params(), list(ckpt.family.canonical_shapes(ckpt.config))).by_canonical.get("embeddings.mask_token")
     if rule is None or not rule.format or rule.format[0] not in ckpt.store:
         return []
     if not np.asarray(ckpt.store.read(rule.format[0]), dtype=np.float32).any():
@@ -449,31 +450,36 @@ def _mask_token_note(ckpt) -> list[str]:
             "never a forward pass) is not written, as timm's own reader of the original checkpoints drops it"]
 
 
-class Dinov2Family(Family):
-    name = "dinov2"
-    hf_model_types = ("dinov2", "dinov2_with_registers")
+class TorchHubViT(Family):
+    """What the one-tower ViT families published as torch-hub state dicts (DINOv2, DINOv3) share:
+    hub names and research-code kwargs for the original layout, one image tower (``extract-visual``
+    is a conversion), and forward passes in each layout's own framework (``verify_dinov2``)."""
+
     towers = {"visual": ("",)}            # one image tower: every canonical key
     whole_model_tower = "visual"
+    display_name = ""                     # "DINOv2", in messages
+    hub_prefix = ""                       # every torch-hub entry point starts with it
+    original_sentinels: tuple[str, ...] = ()   # keys every torch-hub state dict of the family holds
+    timm_reader = ""                      # the timm module whose checkpoint_filter_fn reads those files
+    timm_reader_needs: tuple[str, ...] = ()   # keys that reader recognises the family's files by
+    foreign_keys: dict[str, str] = {}     # keys that say "another layout of this family" (refusals)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.codecs["original"] = FormatCodec(read=read_original, write=config_to_original)
-        self.codecs["timm"] = FormatCodec(read=timm_to_config, write=config_to_timm, claims=claims_timm,
-                                          params=timm_params)
+    def hub_models(self) -> dict[str, dict]:
+        raise NotImplementedError
 
-    # -- the original layout's configs: torch-hub names and DinoVisionTransformer kwargs ---------
+    # -- the original layout's configs: torch-hub names and the research code's kwargs -------------
     def owns_model_name(self, name: str) -> bool:
-        return is_hub_name(name)
+        return bool(name) and str(name).startswith(self.hub_prefix)
 
     def owns_model_config(self, data: dict) -> bool:
         return "embed_dim" in data and "vision_cfg" not in data and "architecture" not in data
 
     def model_kwargs(self, name: str) -> dict[str, Any]:
-        models = hub_models()
+        models = self.hub_models()
         if name not in models:
             import difflib
             close = difflib.get_close_matches(name, list(models), n=3)
-            raise ClawError(f"unknown DINOv2 torch-hub model '{name}'"
+            raise ClawError(f"unknown {self.display_name} torch-hub model '{name}'"
                             + (f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(models)})"))
         return dict(models[name])
 
@@ -481,6 +487,43 @@ class Dinov2Family(Family):
         from ..hfconfig import from_dict
         model_type = data.get("model_type")
         return from_dict(model_type if model_type in self.hf_model_types else self.hf_model_types[0], data)
+
+    # -- the one tower (extract-visual is a conversion) ---------------------------------------
+    def write_hf_extras(self, out_dir: Path, config, extras: Extras) -> list[str]:
+        return self.write_hf_tower_extras(out_dir, config, extras, "visual")
+
+    def tower_config(self, config, tower: str):
+        return copy.deepcopy(config)
+
+    # -- verification ------------------------------------------------------------------------
+    def runner(self, ckpt):
+        from ..verify_dinov2 import runner
+        return runner(ckpt)
+
+    def sample_inputs(self, config, batch: int = 2, seed: int = 0):
+        import torch
+        g = torch.Generator().manual_seed(seed)
+        size = _square(config.image_size, "image_size")
+        return torch.randn(batch, config.num_channels, size, size, generator=g), None
+
+
+class Dinov2Family(TorchHubViT):
+    name = "dinov2"
+    display_name = "DINOv2"
+    hub_prefix = "dinov2_"
+    hf_model_types = ("dinov2", "dinov2_with_registers")
+    original_sentinels = ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "mask_token")
+    timm_reader = "timm.models.vision_transformer"
+    foreign_keys = {"embeddings.patch_embeddings.projection.weight": "a transformers DINOv2", "reg_token": "a timm"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codecs["original"] = FormatCodec(read=read_original, write=config_to_original)
+        self.codecs["timm"] = FormatCodec(read=timm_to_config, write=config_to_timm, claims=claims_timm,
+                                          params=timm_params)
+
+    def hub_models(self) -> dict[str, dict]:
+        return hub_models()
 
     def hf_architecture(self, config) -> str:
         return "Dinov2WithRegistersModel" if config.model_type == "dinov2_with_registers" else "Dinov2Model"
@@ -540,7 +583,7 @@ class Dinov2Family(Family):
     def target_notes(self, ckpt, target: str) -> list[str]:
         notes = []
         if target == "timm":
-            notes += _mask_token_note(ckpt)
+            notes += mask_token_note(ckpt)
             if registers(ckpt.config) and ckpt.format != "timm":
                 notes.append("timm stores the class position inside cls_token (no_embed_class): converting back gives "
                              "the same outputs, not the same bytes (docs/dinov2.md)")
@@ -557,13 +600,6 @@ class Dinov2Family(Family):
                              f"with --model-config giving num_heads {kw['num_heads']}")
         return notes
 
-    def write_hf_extras(self, out_dir: Path, config, extras: Extras) -> list[str]:
-        return self.write_hf_tower_extras(out_dir, config, extras, "visual")
-
-    # -- the one tower (extract-visual is a conversion) ---------------------------------------
-    def tower_config(self, config, tower: str):
-        return copy.deepcopy(config)
-
     def tower_architecture(self, tower: str, with_projection: bool) -> str:
         return "Dinov2Model"
 
@@ -579,17 +615,6 @@ class Dinov2Family(Family):
             "resample": {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pre.get("interpolation"), 3),
             "rescale_factor": 1 / 255, "size": {"shortest_edge": resize}})
         return []
-
-    # -- verification ------------------------------------------------------------------------
-    def runner(self, ckpt):
-        from ..verify_dinov2 import runner
-        return runner(ckpt)
-
-    def sample_inputs(self, config, batch: int = 2, seed: int = 0):
-        import torch
-        g = torch.Generator().manual_seed(seed)
-        size = _square(config.image_size, "image_size")
-        return torch.randn(batch, config.num_channels, size, size, generator=g), None
 
 
 FAMILY = Dinov2Family()

@@ -1,12 +1,13 @@
 """A model's original training-code layout as one file: facebookresearch torch-hub state dicts.
 
-``dinov2_vits14_pretrain.pth`` and its kin: a bare ``state_dict`` of the research code's module
-names, no config.  Sources are read from a ``.pth`` / ``.pt`` (a plain ``torch.save`` zip without
+``dinov2_vits14_pretrain.pth``, ``dinov3_vits16_pretrain_lvd1689m-08c60483.pth`` and their kin: a
+bare ``state_dict`` of the research code's module names, no config.  Which family's it is, is
+told by the keys every state dict of that family holds (``original_sentinels``).  Sources are read from a ``.pth`` / ``.pt`` (a plain ``torch.save`` zip without
 torch, from its pickle and zip directory, tensors read on demand: :func:`clawconvert.io.torchzip.
 open_state_dict`; anything else through ``torch.load(weights_only=True)`` as every pickle here) or
 a ``.safetensors`` with the same keys; the
 family reads the architecture from the shapes and checks ``--model-name`` (a torch-hub entry
-point such as ``dinov2_vits14``) or ``--model-config`` (the model's keyword arguments as JSON)
+point such as ``dinov2_vits14`` or ``dinov3_vitb16``) or ``--model-config`` (the model's keyword arguments as JSON)
 against them.  A ``.safetensors`` file is recognised by its keys; a pickle is never opened to
 find out what it is, so it needs ``--from original``, ``--model-name`` or ``--model-config``.
 
@@ -25,28 +26,36 @@ from ..io.writers import SafetensorsWriter
 from . import Checkpoint, Format, SourceOptions
 
 PICKLES = (".pth", ".pt", ".bin")
-# keys that say "the research code's ViT": DINOv2's
-SENTINELS = ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "mask_token")
+# keys that say "some other layout", for the refusal's message (each family adds its own)
 FOREIGN = {"visual.conv1.weight": "an OpenCLIP CLIP", "visual.trunk.pos_embed": "an OpenCLIP SigLIP",
-           "vision_model.embeddings.patch_embedding.weight": "a transformers CLIP/SigLIP",
-           "embeddings.patch_embeddings.projection.weight": "a transformers DINOv2", "reg_token": "a timm"}
+           "vision_model.embeddings.patch_embedding.weight": "a transformers CLIP/SigLIP"}
 
 
 def _families() -> list[Family]:
     return [f for f in all_families().values() if "original" in f.codecs]
 
 
+def _claiming(store) -> Family | None:
+    """The family all of whose sentinel keys the state dict holds."""
+    return next((f for f in _families() if all(k in store for k in f.original_sentinels)), None)
+
+
+def _display(family: Family) -> str:
+    return getattr(family, "display_name", "") or family.name
+
+
 class OriginalFormat(Format):
     name = "original"
     description = "the research code's own state dict file, e.g. facebookresearch dinov2_vits14_pretrain.pth"
     writes_file = True
-    file_hint = "a DINOv2 torch-hub state dict takes --model-name dinov2_vits14 (or another hub name) or --from original"
+    file_hint = ("a DINOv2 / DINOv3 torch-hub state dict takes --model-name with its hub name (dinov2_vits14, "
+                 "dinov3_vitb16 ...) or --from original")
 
     def detect(self, path: Path) -> bool:
         if not path.is_file() or path.suffix.lower() != ".safetensors":
             return False
         with open_tensors(path) as store:
-            return all(k in store for k in SENTINELS)
+            return _claiming(store) is not None
 
     def named_by(self, options: SourceOptions) -> bool:
         """``--model-name dinov2_vits14`` or a ``--model-config`` that a family's original codec reads."""
@@ -71,13 +80,20 @@ class OriginalFormat(Format):
             store = open_state_dict(path, unsafe_pickle=options.unsafe_pickle)
         else:
             store = open_tensors(path, unsafe_pickle=options.unsafe_pickle)
-        family = next((f for f in _families() if all(k in store for k in SENTINELS)), None)
+        family = _claiming(store)
+        owner = next((f for f in _families() if options.model_name and f.owns_model_name(options.model_name)), None)
         if family is None:
-            foreign = next((what for key, what in FOREIGN.items() if key in store), None)
+            foreign = {**FOREIGN, **{k: v for f in _families() for k, v in getattr(f, "foreign_keys", {}).items()}}
+            what = next((w for key, w in foreign.items() if key in store), None)
             named = f" (given {options.model_name!r})" if options.model_name else ""
-            raise ClawError(f"{path}: not a DINOv2 torch-hub state dict{named}: "
-                            + (f"it holds {foreign} checkpoint" if foreign else
-                               f"it has none of {', '.join(SENTINELS)}"))
+            kinds = [owner] if owner else _families()
+            raise ClawError(f"{path}: not a {' or '.join(_display(f) for f in kinds)} torch-hub state dict{named}: "
+                            + (f"it holds {what} checkpoint" if what else
+                               "it lacks " + "; ".join(f"{_display(f)}'s {', '.join(k for k in f.original_sentinels if k not in store)}"
+                                                       for f in kinds)))
+        if owner is not None and owner is not family:
+            raise ClawError(f"{path}: given --model-name {options.model_name} ({_display(owner)}), but it holds a "
+                            f"{_display(family)} torch-hub state dict")
         declared, origin = {}, "the weights"
         if isinstance(options.model_config, dict):
             declared, origin = dict(options.model_config), "the source's config"
@@ -93,6 +109,11 @@ class OriginalFormat(Format):
         from ..integrity import check_config
         check_config(family, config, store, origin)
         return Checkpoint(path, self.name, family, config, store, Extras())
+
+    def table_params(self, family: Family, config: Any) -> dict[str, Any]:
+        """The family's codec refuses a config the research code cannot build, before anything is read."""
+        codec = family.codec(self.name)
+        return codec.params(codec.write(config))
 
     def output_options(self, source: Checkpoint) -> SourceOptions:
         """The file holds no config: reopen it with the source's (the head count is not in the shapes)."""
