@@ -288,24 +288,30 @@ def test_verify_fails_and_writes_nothing_when_the_merge_is_wrong(vlm, tmp_path, 
     assert "verify FAILED" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("registers", [0, 4])
-def test_dinov2_tower(vlm, tmp_path, registers):
-    """A DINOv2 (with and without registers) LLaVA tower: transformers runs it; vLLM's LLaVA does not
-    take DINOv2 towers (docs/dinov2.md).  The LLaVA equals the classic pipeline (--verify) and keeps
+@pytest.mark.parametrize("kind,registers", [("dinov2", 0), ("dinov2", 4), ("dinov3", 2)])
+def test_dinov2_tower(vlm, tmp_path, kind, registers):
+    """A DINOv2 (with and without registers) or DINOv3 LLaVA tower: transformers runs it; vLLM's LLaVA
+    does not take these towers (docs/dinov2.md).  The LLaVA equals the classic pipeline (--verify) and keeps
     registers as image tokens under the 'default' strategy, as transformers' LLaVA drops only CLS."""
     _, base, adapter, _, _, _ = vlm
     torch.manual_seed(4)
     cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
                patch_size=7)
-    tower = (transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
-        **cfg, num_register_tokens=registers)) if registers else transformers.Dinov2Model(transformers.Dinov2Config(**cfg)))
+    if kind == "dinov3":
+        tower = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**cfg, num_register_tokens=registers))
+    elif registers:
+        tower = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+            **cfg, num_register_tokens=registers))
+    else:
+        tower = transformers.Dinov2Model(transformers.Dinov2Config(**cfg))
     tower.save_pretrained(tmp_path / "dinov2")
     torch.save(feature_proj(32).state_dict(), tmp_path / "proj.bin")
     out = tmp_path / "llava"
     assert run_cli(base, adapter, out, "--vision", tmp_path / "dinov2", "--connector", tmp_path / "proj.bin",
                    "--verify") == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["vision_config"]["model_type"] == ("dinov2_with_registers" if registers else "dinov2")
+    assert config["vision_config"]["model_type"] == {("dinov2", 0): "dinov2", ("dinov2", 4): "dinov2_with_registers",
+                                                     ("dinov3", 2): "dinov3_vit"}[kind, registers]
     assert config["image_seq_length"] == 16 + registers
     figures = json.loads((out / "clawconvert_manifest.json").read_text())["verify"]
     assert figures["passed"] and figures["max_abs_diff"] < TOL

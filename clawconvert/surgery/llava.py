@@ -201,7 +201,7 @@ def num_additional_tokens(vision_config: dict) -> int:
     """Tokens before the patches in the tower's last hidden state (CLS, registers)."""
     from ..architectures import evaluate_config
     expr = vision_towers()[vision_config["model_type"]]["prefix_tokens"]
-    defaults = {"num_register_tokens": 4}         # Dinov2WithRegistersConfig's default
+    defaults = {"num_register_tokens": {"dinov2_with_registers": 4}.get(vision_config["model_type"], 0)}  # configs' defaults
     return int(evaluate_config(str(expr), {**defaults, **vision_config}, "llava.yaml vision_towers"))
 
 
@@ -220,11 +220,11 @@ def image_processor_for(src: Path, vision_config: dict):
     if vision_config["model_type"] == "clip_vision_model":
         return (CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
                 "CLIP defaults (the vision source has no preprocessor_config.json)")
-    if vision_config["model_type"].startswith("dinov2"):
+    if vision_config["model_type"].startswith(("dinov2", "dinov3")):
         from transformers import BitImageProcessor
         return (BitImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
-                "DINOv2 defaults (ImageNet mean/std; the vision source has no preprocessor_config.json)")
+                "DINOv2/v3 defaults (ImageNet mean/std; the vision source has no preprocessor_config.json)")
     return (SiglipImageProcessor(size={"height": size, "width": size}),
             "SigLIP defaults (the vision source has no preprocessor_config.json)")
 
