@@ -301,32 +301,40 @@ def _timm_refuse(key: str, value: Any, why: str) -> ClawError:
     return ClawError(f"not representable as transformers Dinov2Model because timm {key}={value!r}: {why}")
 
 
-def timm_effective(cfg: dict) -> tuple[TimmArch, dict[str, Any]]:
-    """The architecture a timm ``config.json`` names and the arguments it is built with."""
+def screen_timm_args(cfg: dict, archs: dict, family: str, model_class: str, known: tuple[str, ...],
+                     ignored: tuple[str, ...], fixed: dict[str, Any], refuse) -> tuple[Any, dict[str, Any]]:
+    """(the architecture a timm ``config.json`` names, its ``model_args``), every argument either
+    ``known`` (it changes shapes or is read later), ``ignored`` or at its one ``fixed`` value,
+    and no classification head; anything else refused in one line (shared by DINOv2 and DINOv3)."""
     name = cfg.get("architecture")
-    archs = timm_archs()
     if name not in archs:
-        raise ClawError(f"timm architecture {name!r} is not a DINOv2 ViT (known: {', '.join(archs)})")
-    arch = archs[name]
+        raise ClawError(f"timm architecture {name!r} is not a {family} ViT (known: {', '.join(archs)})")
     args = cfg.get("model_args") or {}
     if not isinstance(args, dict):
         raise ClawError("timm config.json: model_args is not an object")
     for key, value in args.items():
-        if key in TIMM_SHAPE_ARGS or key in TIMM_IGNORED:
+        if key in known or key in ignored:
             continue
-        if key in TIMM_FIXED and (TIMM_FIXED[key] is None or value == TIMM_FIXED[key]):
+        if key in fixed and (fixed[key] is None or value == fixed[key]):
             continue
-        if key in TIMM_FIXED:
-            raise _timm_refuse(f"model_args.{key}", value, "DINOv2 has no such variant")
-        raise _timm_refuse(f"model_args.{key}", value, "clawconvert does not know what it changes")
+        if key in fixed:
+            raise refuse(f"model_args.{key}", value, f"{family} has no such variant")
+        raise refuse(f"model_args.{key}", value, "clawconvert does not know what it changes")
+    for where, classes in (("num_classes", cfg.get("num_classes", 0)), ("model_args.num_classes", args.get("num_classes", 0))):
+        if classes:
+            raise refuse(where, classes, f"a classification head; {model_class} has none "
+                                         f"(save the backbone with num_classes=0)")
+    return archs[name], args
+
+
+def timm_effective(cfg: dict) -> tuple[TimmArch, dict[str, Any]]:
+    """The architecture a timm ``config.json`` names and the arguments it is built with."""
+    arch, args = screen_timm_args(cfg, timm_archs(), "DINOv2", "Dinov2Model", TIMM_SHAPE_ARGS, TIMM_IGNORED,
+                                  TIMM_FIXED, _timm_refuse)
     eff = {k: getattr(arch, k) for k in TIMM_SHAPE_ARGS}
     eff.update({k: v for k, v in args.items() if k in TIMM_SHAPE_ARGS})
     if args.get("init_values", 1.0) in (None, 0, 0.0):
         raise _timm_refuse("model_args.init_values", args["init_values"], "no LayerScale; Dinov2Model always has one")
-    for where, classes in (("num_classes", cfg.get("num_classes", 0)), ("model_args.num_classes", args.get("num_classes", 0))):
-        if classes:
-            raise _timm_refuse(where, classes, "a classification head; Dinov2Model has none "
-                                               "(save the backbone with num_classes=0)")
     if eff["reg_tokens"] and not eff["no_embed_class"]:
         raise _timm_refuse("no_embed_class", False, "register tokens with positions; DINOv2 gives registers none")
     return arch, eff

@@ -58,7 +58,7 @@ import numpy as np
 from ..errors import ClawError
 from . import Extras, FormatCodec, Shapes
 from .clip import _mlp_ratio, write_json
-from .dinov2 import (IMAGENET_MEAN, IMAGENET_STD, TorchHubViT, _pair, _shape, _square, mask_token_note,
+from .dinov2 import (IMAGENET_MEAN, IMAGENET_STD, TorchHubViT, _pair, _shape, _square, mask_token_note, screen_timm_args,
                      timm_config_json)
 
 WHAT = "DINOv3"
@@ -403,23 +403,9 @@ def _timm_refuse(key: str, value: Any, why: str) -> ClawError:
 
 def timm_effective(cfg: dict) -> tuple[TimmArch, dict[str, Any]]:
     """The architecture a timm ``config.json`` names and the arguments it is built with."""
-    name = cfg.get("architecture")
-    archs = timm_archs()
-    if name not in archs:
-        raise ClawError(f"timm architecture {name!r} is not a DINOv3 ViT (known: {', '.join(archs)})")
-    arch = archs[name]
-    args = cfg.get("model_args") or {}
-    if not isinstance(args, dict):
-        raise ClawError("timm config.json: model_args is not an object")
-    training = {timm_key for _, timm_key, _ in ROPE_TRAINING}
-    for key, value in args.items():
-        if key in TIMM_ARGS or key in TIMM_IGNORED or key in training:
-            continue
-        if key in TIMM_FIXED and (TIMM_FIXED[key] is None or value == TIMM_FIXED[key]):
-            continue
-        if key in TIMM_FIXED:
-            raise _timm_refuse(f"model_args.{key}", value, "DINOv3 has no such variant")
-        raise _timm_refuse(f"model_args.{key}", value, "clawconvert does not know what it changes")
+    training = tuple(timm_key for _, timm_key, _ in ROPE_TRAINING)
+    arch, args = screen_timm_args(cfg, timm_archs(), "DINOv3", "DINOv3ViTModel", TIMM_ARGS + training, TIMM_IGNORED,
+                                  TIMM_FIXED, _timm_refuse)
     eff = {k: getattr(arch, k) for k in TIMM_ARGS}
     eff.update({k: v for k, v in args.items() if k in TIMM_ARGS})
     eff.update({k: args.get(k) for k in training})
@@ -429,10 +415,6 @@ def timm_effective(cfg: dict) -> tuple[TimmArch, dict[str, Any]]:
     if eff["swiglu_mlp"] and not eff["swiglu_align_to"]:
         raise _timm_refuse("model_args.swiglu_align_to", 0, "timm then packs gate and up into one fc1 (GluMlp), "
                                                              "which no DINOv3 layout has")
-    for where, classes in (("num_classes", cfg.get("num_classes", 0)), ("model_args.num_classes", args.get("num_classes", 0))):
-        if classes:
-            raise _timm_refuse(where, classes, "a classification head; DINOv3ViTModel has none "
-                                               "(save the backbone with num_classes=0)")
     pool = args.get("global_pool", cfg.get("global_pool", "avg"))
     if pool not in TIMM_POOLS:
         raise _timm_refuse("global_pool", pool, "an attention-pooling head; DINOv3ViTModel has none")
