@@ -58,8 +58,8 @@ import numpy as np
 from ..errors import ClawError
 from . import Extras, FormatCodec, Shapes
 from .clip import _mlp_ratio, write_json
-from .dinov2 import (IMAGENET_MEAN, IMAGENET_STD, TorchHubViT, _pair, _shape, _square, mask_token_note, screen_timm_args,
-                     timm_config_json)
+from .dinov2 import (IMAGENET_MEAN, IMAGENET_STD, TorchHubViT, _pair, _shape, _square, mask_token_note,
+                     screen_timm_args, timm_config_json)
 
 WHAT = "DINOv3"
 HF_CLASS = "DINOv3ViTModel"
