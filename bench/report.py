@@ -29,6 +29,7 @@ and issue 14's:
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -189,6 +190,66 @@ def evaluate_targets(data: dict) -> list[dict]:
     return out
 
 
+def _size(data: dict, scen_key: str, size: str) -> dict | None:
+    for scen in data.get("scenarios", []):
+        if scen["key"] == scen_key:
+            return next((s for s in scen["sizes"] if s["size"] == size), None)
+    return None
+
+
+def _cpu(slot: dict) -> float | None:
+    """Median user + sys CPU seconds of a tool's successful runs."""
+    xs = [r["user_s"] + r["sys_s"] for r in slot.get("runs", []) if r.get("status") == "ok"
+          and r.get("user_s") is not None and r.get("sys_s") is not None]
+    return statistics.median(xs) if xs else None
+
+
+def explain(t: dict, data: dict) -> str | None:
+    """Why a missed time target was missed, from the floors measured in the same run."""
+    s = _size(data, t["scenario"], t["size"])
+    claw = _claw(s) if s else None
+    if not _ok(claw):
+        return None
+    cw = claw["median_wall_s"]
+    cp, cp_plain = _cp(s), _cp_plain(s)
+    fixed = data.get("clawconvert_floor")
+    if t["target"].startswith(("T3", "T5")) and "plain cp" not in t["target"] and _ok(cp) and _ok(fixed):
+        f, c = fixed["median_wall_s"], cp["median_wall_s"]
+        text = (f"clawconvert's fixed cost (interpreter, imports, planning: the same command on a "
+                f"{gb(fixed['checkpoint_bytes'])} checkpoint) is {secs(f)}, which cp does not pay; the rest, "
+                f"{secs(cw - f)}, is {(cw - f) / c:.2f}x cp + fsync's {secs(c)}")
+        cpu, cpus = _cpu(claw), (data.get("machine") or {}).get("cpus")
+        if cpu and cpus:
+            text += (f"; clawconvert used {secs(cpu)} of CPU (user + sys) in {secs(cw)}, {cpu / cw:.1f} of the "
+                     f"{cpus} cores on average" + (": CPU-bound on every core" if cpu / cw > 0.8 * cpus else
+                                                  ": a serial CPU stage, not the disk, sets the pace" if cpu / cw > 0.8
+                                                  else ""))
+        return text
+    if "plain cp" in t["target"] and _ok(cp) and _ok(cp_plain):
+        c, p = cp["median_wall_s"], cp_plain["median_wall_s"]
+        return (f"clawconvert fsyncs its outputs before it reports success and plain cp stops at the page cache: "
+                f"cp + fsync of the same bytes takes {secs(c)} against plain cp's {secs(p)} ({c / p:.2f}x) by itself")
+    if t["target"].startswith(("T6", "T8")) and "faster" in t["target"]:
+        peer = next((p for _, p in _role(s, "peer") if _ok(p)), None)
+        prod = next((p for _, p in _role(s, "compute") if _ok(p)), None)
+        if not peer:
+            return None
+        need = peer["median_wall_s"] / T18_MERGE_TIME
+        parts = [f"{T18_MERGE_TIME:.0f}x PEFT means {secs(need)} in all"]
+        if prod:
+            parts.append(f"the LoRA products alone, with no I/O, take {secs(prod['median_wall_s'])} on this machine")
+        if _ok(cp):
+            parts.append(f"a durable copy of the same bytes (cp + fsync) {secs(cp['median_wall_s'])}")
+        if prod and _ok(cp):
+            both = max(prod["median_wall_s"], cp["median_wall_s"])
+            verdict = ("so even perfectly overlapped the two exceed it" if both > need else
+                       f"perfectly overlapped they would fit ({secs(both)}); clawconvert spends "
+                       f"{secs(cw - both)} more than the slower of the two")
+            parts.append(verdict)
+        return "; ".join(parts)
+    return None
+
+
 def _short(run: dict) -> str:
     text = run.get("status", "") + " " + run.get("log_tail", "")
     if "No space left on device" in text or "disk full" in text:
@@ -273,6 +334,11 @@ def table(data: dict) -> str:
         missed = [t for t in scoped if t["met"] is False]
         if missed:
             lines.append(f"\n{len(missed)} of {len(scoped)} target checks MISSED.")
+            whys = [(t, explain(t, data)) for t in missed]
+            if any(w for _, w in whys):
+                lines.append("\n### Why the misses (from the floors measured in the same run)\n")
+                for t, w in whys:
+                    lines.append(f"- [{t['scenario']}] {t['target']}: {w or 'no floor in this run explains it'}.")
         elif scoped:
             lines.append(f"\nAll {len(scoped)} target checks met.")
     for p in data.get("plots", []):

@@ -155,7 +155,7 @@ class Bench:
 
     # -- running ---------------------------------------------------------------------------
     def argv(self, tool: Tool, scenario: Scenario, ckpt: Path, info: dict, dst: Path) -> list[str]:
-        subs = {"{py}": PY, "{peers}": str(HERE / "peers.py"), "{ckpt}": str(ckpt),
+        subs = {"{py}": PY, "{peers}": str(HERE / "peers.py"), "{floors}": str(HERE / "floors.py"), "{ckpt}": str(ckpt),
                 "{src}": scenario.src.replace("{ckpt}", str(ckpt)), "{dst}": str(dst)}
         out: list[str] = []
         for a in tool.argv:

@@ -8,6 +8,7 @@ templates are filled from::
     {py}      the Python running the bench (the project's venv)
     {claw}    ``{py} -m clawconvert``
     {peers}   bench/peers.py
+    {floors}  bench/floors.py (compute floors: the unavoidable arithmetic, without I/O)
     {ckpt}    the cached checkpoint directory
     {src}     the scenario's source path (``src`` filled with {ckpt})
     {dst}     a fresh output path (does not exist yet)
@@ -28,7 +29,7 @@ SYNTH_VERSION = 1   # bump when synth.py writes different bytes: cached checkpoi
 @dataclass(frozen=True)
 class Tool:
     name: str
-    role: str                       # "clawconvert" | "peer" | "floor" | "reference"
+    role: str                       # "clawconvert" | "peer" | "floor" | "reference" | "compute"
     argv: tuple[str, ...]
     requires: tuple[tuple[str, str], ...] = ()   # ("command", "extract-visual"), ("format", "big_vision")
     note: str = ""
@@ -62,6 +63,12 @@ CP = Tool("cp + fsync (floor)", "floor",
                "same bytes once, durably (clawconvert fsyncs its outputs)")
 CP_CACHE = Tool("cp (page cache only)", "reference", ("cp", "--", "{weights}", "{dst}/"),
                 note="plain cp: the writes reach the page cache only (no fsync), like the peers' save_pretrained")
+
+
+LORA_PRODUCTS = Tool("LoRA products alone (B @ A for every pair, no output)", "compute",
+                     ("{py}", "{floors}", "lora-products", "{ckpt}/adapter"),
+                     note="python + numpy reading the adapter and computing every float32 B @ A on all cores, "
+                          "writing nothing: the arithmetic any merge of this adapter has to do")
 
 
 def claw(*args: str, requires=()) -> Tool:
@@ -115,6 +122,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             claw("merge-lora", "{ckpt}/base", "{ckpt}/adapter", "{dst}", "-q", requires=(("command", "merge-lora"),)),
             peer("merge-peft", "PEFT merge_and_unload + save_pretrained", "{ckpt}/base", "{ckpt}/adapter", "{dst}"),
             CP,
+            LORA_PRODUCTS,
             CP_CACHE,
         ),
     ),
@@ -127,6 +135,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             peer("merge-peft-vlm", "PEFT merge_and_unload + save_pretrained (AutoModelForImageTextToText)",
                  "{ckpt}/base", "{ckpt}/adapter", "{dst}"),
             CP,
+            LORA_PRODUCTS,
             CP_CACHE,
         ),
     ),
