@@ -511,16 +511,16 @@ class NativeMmprojPlan:
         for check in row.get("checks", []):
             _check_config(directory, check, sources, "config.json")
         self.kind = row["metadata"]["clip.projector_type"]["value"]
+        self.metadata: dict[str, tuple[str, Any]] = {}
+        for key, spec in row["metadata"].items():     # the config first: its refusals name the reason
+            value = _projector_value(directory, key, spec, sources)
+            if value is not None:
+                self.metadata[key] = (spec["type"], value)
         params = {name: int(_field(vision, field)) for name, field in row["params"].items()}
         skip = tuple(row.get("skip", []))
         self.tensors, self.tables = _plan_table(store, row["tables"], params, lambda k: not k.startswith(skip),
                                                 outtype, f"{directory} (vision tower and connector)",
                                                 tuple(row.get("f32", [])), tuple(row.get("float", [])))
-        self.metadata: dict[str, tuple[str, Any]] = {}
-        for key, spec in row["metadata"].items():
-            value = _projector_value(directory, key, spec, sources)
-            if value is not None:
-                self.metadata[key] = (spec["type"], value)
 
     def required_keys(self) -> list[str]:
         return list(self.metadata) + ["general.architecture", "general.file_type"]
