@@ -31,6 +31,8 @@ table spelling             load (format -> canonical)                 save (inve
 ``rope_periods: {theta:    a format tensor that is a function of the    computed from the
   NAME, head_dim: EXPR}``  config: nothing canonical (DINOv3's RoPE     config (``derived:``
                            periods buffer)                              entries of a table)
+``add: C``                 subtract C (the format stores w + C:         add C, in float32
+                           llama.cpp's Gemma RMSNorm weights are 1 + w)  (exact in function)
 =========================  =========================================  =====================
 
 Shapes and sizes may be expressions over the family's named dimensions (``D``,
@@ -571,6 +573,33 @@ class RopePeriods(Op):
         return [(self.head_dim // 4,)]
 
 
+class Add(Op):
+    """The format stores ``w + C`` where the canonical form stores ``w``.
+
+    Gemma's RMSNorm multiplies by ``1 + w`` and keeps ``w``; llama.cpp's norm multiplies by its
+    weight, so its converter stores ``w + 1``.  Computed in float32 (the export's working type):
+    exact in function, and bit for bit wherever ``(w + C) - C == w`` in float32 (not always,
+    which is why this op is not on the bit-exact list of the tests).
+    """
+
+    name = "add"
+
+    def __init__(self, spec: Any):
+        if isinstance(spec, bool) or not isinstance(spec, (int, float)):
+            raise ClawError(f"add: write a number (got {spec!r})")
+        self.value = float(spec)
+
+    def load(self, xs):
+        if isinstance(xs[0], _Standin):
+            return [xs[0]]
+        return [np.asarray(xs[0], dtype=np.float32) - np.float32(self.value)]
+
+    def save(self, ys):
+        if isinstance(ys[0], _Standin):
+            return [ys[0]]
+        return [np.asarray(ys[0], dtype=np.float32) + np.float32(self.value)]
+
+
 @dataclass
 class Chain:
     """Ops applied in order on load, in reverse order (each inverted) on save."""
@@ -640,6 +669,7 @@ OPS: dict[str, Callable[[Any, dict[str, int], int, int], Op]] = {
     "fold": lambda a, d, nf, nc: Fold(a),
     "masked_split": lambda a, d, nf, nc: MaskedSplit(a, nc),
     "rope_periods": lambda a, d, nf, nc: RopePeriods(a, d),
+    "add": lambda a, d, nf, nc: Add(a),
 }
 
 

@@ -252,7 +252,10 @@ def test_architecture_defaults_are_transformers_defaults():
     """mappings/gguf_architectures.yaml's defaults, against the installed config classes."""
     from clawconvert.exporters.gguf import _architectures
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config, "llava": transformers.LlavaConfig}
+               "qwen2": transformers.Qwen2Config, "llava": transformers.LlavaConfig,
+               "gemma3_text": transformers.Gemma3TextConfig, "qwen2_vl_text": transformers.Qwen2VLTextConfig,
+               "qwen2_5_vl_text": transformers.Qwen2_5_VLTextConfig, "qwen3_vl_text": transformers.Qwen3VLTextConfig,
+               "qwen3_vl_moe_text": transformers.Qwen3VLMoeTextConfig}
     for model_type, fields in _architectures()["defaults"].items():
         config = classes[model_type]()
         for key, value in fields.items():

@@ -100,7 +100,20 @@ def test_unknown_op_and_wrong_arity_are_refused():
 
 def test_vocabulary_is_closed_and_all_ops_tested():
     assert set(OPS) == {"transpose", "permute", "reshape", "squeeze", "unsqueeze", "split", "concat", "constant",
-                        "absent", "fold", "masked_split", "rope_periods"}
+                        "absent", "fold", "masked_split", "rope_periods", "add"}
+
+
+def test_add_stores_w_plus_c_and_takes_it_off_again():
+    """llama.cpp's Gemma norms: the format holds 1 + w (convert_hf_to_gguf.py Gemma3Model.norm_shift)."""
+    w = np.random.default_rng(0).standard_normal(64).astype(np.float32) * 0.1
+    chain = build_chain({"add": 1}, {}, 1, 1)
+    (stored,) = chain.save([w])
+    assert np.array_equal(stored, w + np.float32(1))
+    (back,) = chain.load([stored])
+    assert np.abs(back - w).max() <= 1e-7
+    assert chain.save_shapes([(64,)]) == [(64,)]
+    with pytest.raises(ClawError, match="write a number"):
+        build_chain({"add": "one"}, {}, 1, 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

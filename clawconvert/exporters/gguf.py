@@ -1,6 +1,7 @@
-"""``export --to gguf``: an HF causal LM or LLaVA as GGUF files for llama.cpp.
+"""``export --to gguf``: an HF causal LM, LLaVA or native VLM as GGUF files for llama.cpp.
 
-* A causal LM (llama, mistral, qwen2: ``mappings/gguf_architectures.yaml``) becomes
+* A causal LM (llama, mistral, qwen2, and the language models of the native VLMs:
+  ``mappings/gguf_architectures.yaml``) becomes
   ``DST/model-<type>.gguf``: the tensors through ``mappings/causal_lm/gguf.yaml`` (with the
   q/k row order llama.cpp's llama graph needs), the hyperparameters through the architecture
   table, and the tokenizer as llama.cpp's converter writes it (:mod:`.gguf_vocab`).
@@ -10,6 +11,12 @@
   the projector through ``mappings/llava/gguf.yaml``, and the ``clip.*`` metadata clip.cpp
   reads (projector type ``mlp``, feature layer, image mean / std, patch and image size,
   activation).
+* A native VLM (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, Idefics3 / SmolVLM, LLaVA-NeXT,
+  LLaVA-OneVision) becomes ``model-<type>.gguf`` for its language model, with the architecture
+  llama.cpp's converter gives it (qwen2vl, qwen3vl, gemma3, llama, qwen2), and, where
+  llama.cpp's mtmd has a projector for it, ``mmproj-<type>.gguf``
+  (``mappings/gguf_projectors.yaml``: projector type, tables, metadata, checks).  Which file
+  prefix is which part is the VLM's architecture table's to say (``mappings/architectures/``).
 
 Tensors are planned from the safetensors headers, then read, transformed and written one at
 a time with gguf-py's writer (tensor infos first, then each tensor's data), so memory stays
@@ -22,6 +29,7 @@ before the output is put in place.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -74,16 +82,30 @@ def export(src: str | Path, dst: str | Path, *, outtype: str = "f16", overwrite:
     notes: list[str] = []
     files: dict[str, dict] = {}
     with contextlib.ExitStack() as stack, atomic_output_dir(dst, overwrite=overwrite, sources=(src_path,)) as tmp:
+        native = _native_vlm(config)
         if config.get("model_type") == "llava":
             lm_store, vision_store, projector_store = llava_parts(src_path)
             for s in (lm_store, vision_store, projector_store):
                 stack.callback(s.close)
             text = config["text_config"]
-            mm = MmprojPlan(src_path, config, vision_store, projector_store, outtype, notes)
+            mm: MmprojPlan | NativeMmprojPlan | None = MmprojPlan(src_path, config, vision_store, projector_store,
+                                                                  outtype, notes)
+        elif native is not None:
+            arch, row = native
+            lm_store = vlm_part_store(src_path, arch, {"lm": ""})
+            stack.callback(lm_store.close)
+            text = _text_config(arch, config)
+            mm = None
+            if row is not None:
+                mm_store = vlm_part_store(src_path, arch, {"vision": "", "connector": row["connector_prefix"]})
+                stack.callback(mm_store.close)
+                mm = NativeMmprojPlan(src_path, config, text, row, mm_store, outtype)
+            else:
+                notes.append(f"no mmproj: {_projectors()['refuse'].get(config['model_type'], 'llama.cpp has no projector for it')}")
         else:
             lm_store, text, mm = open_tensors(src_path), config, None
             stack.callback(lm_store.close)
-        lm = LanguageModelPlan(src_path, text, lm_store, outtype)
+        lm = LanguageModelPlan(src_path, text, lm_store, outtype, vlm=config if native else None)
         name = f"model-{outtype}.gguf"
         files[name] = _write(tmp / name, lm.arch, lm.tensors, lm.metadata, outtype, progress,
                              vocab=(lm.vocab, src_path))
@@ -100,7 +122,7 @@ def export(src: str | Path, dst: str | Path, *, outtype: str = "f16", overwrite:
             "notes": notes,
         })
         dest = Path(dst).absolute()
-    what = f"{config.get('model_type')} -> {lm.arch}" + (" + clip mmproj" if mm else "")
+    what = f"{config.get('model_type')} -> {lm.arch}" + (f" + {mm.kind} mmproj" if mm else "")
     summary = [f"read back OK (gguf {_gguf_version()}): {n}: {f['tensors']} tensors ({f['types']}), "
                f"{f['metadata_keys']} metadata keys" for n, f in files.items()]
     summary.append(f"tokenizer: {lm.vocab.origin}, {len(lm.vocab.tokens)} tokens")
@@ -164,6 +186,62 @@ def llava_parts(path: Path) -> tuple[TensorStore, TensorStore, TensorStore]:
     return stores[0], stores[1], stores[2]
 
 
+def _native_vlm(config: dict) -> tuple[Any, dict | None] | None:
+    """(architecture table, projector row or None) of a native VLM config; None for anything else.
+
+    A VLM whose tower llama.cpp cannot run gets no projector row: its language model is still
+    written, and the note says why there is no mmproj (``gguf_projectors.yaml`` ``refuse``)."""
+    from ..architectures import architecture_for
+
+    model_type = str(config.get("model_type"))
+    if model_type == "llava":
+        return None
+    arch = architecture_for(model_type)
+    if arch is None or "vision" not in arch.parts:
+        return None
+    return arch, _projectors()["projectors"].get(model_type)
+
+
+def _text_config(arch: Any, config: dict) -> dict:
+    """The language model's config (transformers' defaults for missing fields, as for a causal LM)."""
+    text = arch.part_config("lm", config)
+    text.setdefault("model_type", "llama")
+    return {**_architectures()["defaults"].get(text["model_type"], {}), **text}
+
+
+def vlm_part_store(path: Path, arch: Any, parts: dict[str, str]) -> TensorStore:
+    """The tensors of ``parts`` of a VLM directory as one store, named ``<prefix><canonical name>``
+    (the part's standalone name: ``model.layers.0...`` for the language model, the vision
+    tower's and connector's own names); the architecture table says which file prefix is which
+    part, in every layout it knows."""
+    from ..architectures import part_of
+
+    everything = open_tensors(path)
+    layout = arch.detect_layout(everything.keys(), path)
+    everything.close()
+    store = open_tensors(path)
+    seen: dict[str, str] = {}
+
+    def rename(key: str) -> str | None:
+        c = layout.to_canonical(key)
+        if not c or part_of(c) not in parts:
+            return None
+        name = parts[part_of(c)] + c.split("/", 1)[1]
+        if name in seen:
+            raise ClawError(f"{path}: '{key}' and '{seen[name]}' both become '{name}'")
+        seen[name] = key
+        return name
+    store.rename(rename)
+    if not len(store):
+        raise ClawError(f"{path}: {arch.name} weights hold no {' / '.join(parts)} tensors (layout {layout.name})")
+    return store
+
+
+@lru_cache(maxsize=None)
+def _projectors() -> dict:
+    return yaml.safe_load((mappings_root() / "gguf_projectors.yaml").read_text())
+
+
 @lru_cache(maxsize=None)
 def _architectures() -> dict:
     return yaml.safe_load((mappings_root() / "gguf_architectures.yaml").read_text())
@@ -178,10 +256,15 @@ def _field(config: dict, dotted: str) -> Any:
     return value
 
 
-def _qtype(name: str, shape: tuple[int, ...], outtype: str):
-    """llama.cpp's converter's type choice for one tensor (convert_hf_to_gguf.py prepare_tensors)."""
+def _qtype(name: str, shape: tuple[int, ...], outtype: str, f32: tuple[str, ...] = (), keep_float: tuple[str, ...] = ()):
+    """llama.cpp's converter's type choice for one tensor (convert_hf_to_gguf.py prepare_tensors);
+    ``f32`` and ``keep_float`` are a projector's own rules (its tensor_force_quant)."""
     import gguf
     Q = gguf.GGMLQuantizationType
+    if name in f32:
+        return Q.F32
+    if name in keep_float and len(shape) > 1:
+        return Q.F32 if outtype == "f32" else Q.F16
     if len(shape) <= 1 or name.endswith("_norm.weight") or name in ("v.position_embd.weight", "v.class_embd"):
         return Q.F32
     if name == "v.patch_embd.weight":
@@ -191,63 +274,109 @@ def _qtype(name: str, shape: tuple[int, ...], outtype: str):
     return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
 
 
-def _plan_table(store: TensorStore, table_family: str, params: dict, keep: Callable[[str], bool],
-                outtype: str, origin: str) -> tuple[list[Planned], Any]:
-    """Every tensor of ``store`` that ``keep`` selects, through ``mappings/<table_family>/gguf.yaml``."""
-    table = load_table(table_family, "gguf")
-    expanded = table.expand(params)
+def _plan_table(store: TensorStore, table_family: str | list[str], params: dict, keep: Callable[[str], bool],
+                outtype: str, origin: str, f32: tuple[str, ...] = (), keep_float: tuple[str, ...] = ()
+                ) -> tuple[list[Planned], Any]:
+    """Every tensor of ``store`` that ``keep`` selects, through ``mappings/<table_family>/gguf.yaml``
+    (or several tables, each mapping its own tensors).  A rule may turn one source tensor into
+    several GGUF tensors (a fused qkv, a Conv3D's two frames) or several into one; each GGUF
+    tensor is planned on its own, and the rule's output is computed once per source read."""
+    families = [table_family] if isinstance(table_family, str) else list(table_family)
+    tables = [load_table(f, "gguf") for f in families]
+    expanded = [t.expand(params) for t in tables]
+    by_canonical = {k: r for e in expanded for k, r in e.by_canonical.items()}
     planned, missing, unmapped = [], [], []
     for key in store.keys():
-        if keep(key) and key not in expanded.by_canonical and not expanded.dropped(key):
+        if keep(key) and key not in by_canonical and not any(e.dropped(key) for e in expanded):
             unmapped.append(key)
-    for rule in expanded.rules:
-        (canonical,), (gguf_name,) = rule.canonical, rule.format
-        if canonical not in store or not keep(canonical):
-            if not rule.optional and keep(canonical):
-                missing.append(canonical)
+    for rule in (r for e in expanded for r in e.rules):
+        if not all(keep(c) for c in rule.canonical):
             continue
-        (shape,) = rule.chain.save_shapes([tuple(store.info(canonical).shape)])
-        read = (lambda s=store, k=canonical, c=rule.chain: c.save([np.asarray(s.read(k), dtype=np.float32)])[0])
-        planned.append(Planned(gguf_name, tuple(shape), _qtype(gguf_name, tuple(shape), outtype), read))
+        absent = [c for c in rule.canonical if c not in store]
+        if absent:
+            if not rule.optional:
+                missing.extend(absent)
+            continue
+        shapes = rule.chain.save_shapes([tuple(store.info(c).shape) for c in rule.canonical])
+        outputs = _RuleOutputs(store, rule)
+        for i, (gguf_name, shape) in enumerate(zip(rule.format, shapes)):
+            planned.append(Planned(gguf_name, tuple(shape), _qtype(gguf_name, tuple(shape), outtype, f32, keep_float),
+                                   lambda o=outputs, i=i: o.get(i)))
     if unmapped or missing:
-        problems = [f"no GGUF name for '{k}' in {table.name}" for k in unmapped] + \
+        names = ", ".join(t.name for t in tables)
+        problems = [f"no GGUF name for '{k}' in {names}" for k in unmapped] + \
                    [f"missing tensor '{k}'" for k in missing]
         raise ClawError(f"{origin}: cannot be written as GGUF: {problems[0]}"
                         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""), details=problems[1:])
-    return planned, table
+    return planned, (tables[0] if isinstance(table_family, str) else tables)
+
+
+class _RuleOutputs:
+    """The GGUF tensors one table rule makes, computed when the first is written and let go
+    after the last (tensors are written in plan order, so at most one rule's outputs are held)."""
+
+    def __init__(self, store: TensorStore, rule: Any):
+        self.store, self.rule = store, rule
+        self.values: list[np.ndarray] | None = None
+        self.left = len(rule.format)
+
+    def get(self, i: int) -> np.ndarray:
+        if self.values is None:
+            self.values = self.rule.chain.save([np.asarray(self.store.read(c), dtype=np.float32)
+                                                for c in self.rule.canonical])
+        value = self.values[i]
+        self.left -= 1
+        if self.left == 0:
+            self.values = None
+            self.left = len(self.rule.format)
+        return value
 
 
 class LanguageModelPlan:
-    """The language model's tensors, hyperparameters and vocabulary."""
+    """The language model's tensors, hyperparameters and vocabulary (``vlm``: the VLM's config.json
+    when the language model is a VLM's, for the hyperparameters read from it)."""
 
-    def __init__(self, directory: Path, text: dict, store: TensorStore, outtype: str):
+    def __init__(self, directory: Path, text: dict, store: TensorStore, outtype: str, vlm: dict | None = None):
         archs = _architectures()
         model_type = text.get("model_type")
+        known = [k for k, v in archs["architectures"].items() if "refuse" not in v]
         if model_type not in archs["architectures"]:
             raise ClawError(f"{directory}: --to gguf does not know the language model type '{model_type}' "
-                            f"(supported: {', '.join(archs['architectures'])})")
+                            f"(supported: {', '.join(known)})")
         info = archs["architectures"][model_type]
+        if "refuse" in info:
+            raise ClawError(f"{directory}: {info['refuse']}")
+        for check in info.get("checks", []):
+            _check_config(directory, archs["checks"][check], text, f"text_config ({model_type})")
         rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+        rope = rope.get("full_attention", rope)            # Gemma 3: per-attention-kind parameters
         if (rope.get("rope_type") or rope.get("type") or "default") != "default":
             raise ClawError(f"{directory}: RoPE scaling '{rope.get('rope_type') or rope.get('type')}' is not "
                             f"supported by this export yet")
         self.arch = info["arch"]
         heads, hidden = int(text["num_attention_heads"]), int(text["hidden_size"])
         head_dim = int(text.get("head_dim") or hidden // heads)
+        flags = info.get("flags", [])
         params = {"layers": int(text["num_hidden_layers"]), "rope_permute": bool(info["rope_permute"]),
+                  "qk_norm": "qk_norm" in flags, "gemma_norms": "gemma_norms" in flags,
                   "H": heads, "KV": int(text.get("num_key_value_heads") or heads), "hd": head_dim, "D": hidden}
         self.tensors, table = _plan_table(store, "causal_lm", params, lambda k: True, outtype, str(directory))
         self.tables = [table]
+        specs = dict(archs["hyperparameters"])
+        for name in info.get("sets", []):
+            specs.update(archs["hyperparameter_sets"][name])
+        source = {**text, "vlm": vlm or {}}
         self.metadata: dict[str, tuple[str, Any]] = {}
-        for key, spec in archs["hyperparameters"].items():
-            value = next((v for v in (_field(text, f) for f in spec["from"]) if v is not None), None)
-            if value is None and "default" in spec:
-                value = evaluate(spec["default"], {k: v for k, v in text.items() if isinstance(v, int)}) \
-                    if isinstance(spec["default"], str) else spec["default"]
+        for key, spec in specs.items():
+            value = _hyperparameter(spec, source)
+            if value is None and spec.get("optional"):
+                continue
             if value is None:
                 raise ClawError(f"{directory}: the text config has none of {', '.join(spec['from'])} "
                                 f"({self.arch}.{key} needs it)")
             self.metadata[f"{self.arch}.{key}"] = (spec["type"], value)
+        for key, value in (info.get("tokenizer") or {}).items():
+            self.metadata[f"tokenizer.ggml.{key}"] = ("bool" if isinstance(value, bool) else "str", value)
         rows = store.info("model.embed_tokens.weight").shape[0]
         self.metadata[f"{self.arch}.vocab_size"] = ("u32", rows)
         self.vocab = read_vocab(directory, rows, info["bpe_pre"])
@@ -257,8 +386,50 @@ class LanguageModelPlan:
                                       "tokenizer.ggml.token_type", "general.architecture", "general.file_type"]
 
 
+def _hyperparameter(spec: dict, source: dict) -> Any:
+    """One hyperparameter from its table spec: the first ``from`` field present, else ``default``
+    (a number, or an expression over the config's integers), then ``count`` / ``pad``."""
+    value = next((v for v in (_field(source, f) for f in spec["from"]) if v is not None), None)
+    if value is None and "default" in spec:
+        value = evaluate(spec["default"], {k: v for k, v in source.items() if isinstance(v, int)}) \
+            if isinstance(spec["default"], str) else spec["default"]
+    if value is not None and spec.get("count"):
+        value = len(value) if isinstance(value, list) else value
+    if value is not None and "pad" in spec:
+        value = list(value)[:spec["pad"]] + [0] * max(0, spec["pad"] - len(value))
+    return value
+
+
+def _check_config(directory: Path, check: dict, config: dict, where: str) -> None:
+    """One ``checks:`` entry of the GGUF tables (see mappings/gguf_architectures.yaml)."""
+    from ..architectures import evaluate_config
+
+    def get(path: str) -> Any:
+        return _field(config, path)
+    if "unless" in check and evaluate_config(check["unless"], config, "mappings/gguf_architectures.yaml"):
+        return
+    if "equal" in check:
+        a, b = check["equal"]
+        left = get(a)
+        right = get(b) if isinstance(b, str) and get(b) is not None else b
+        ok, said = left == right, f"{a} is {left!r}, not {right!r}"
+    elif "absent" in check:
+        ok, said = get(check["absent"]) is None, f"{check['absent']} is {get(check['absent'])!r}"
+    elif "swa_pattern" in check:
+        n, types = int(check["swa_pattern"]), get("layer_types")
+        want = ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
+                for i in range(int(config["num_hidden_layers"]))]
+        ok, said = types is None or list(types) == want, "layer_types differs from that pattern"
+    else:
+        raise ClawError(f"internal: unknown check {check}")
+    if not ok:
+        raise ClawError(f"{directory}: {where}: {said}: {check['why']}")
+
+
 class MmprojPlan:
     """The vision tower and projector of an HF LLaVA, as clip.cpp's LLaVA graph reads them."""
+
+    kind = "mlp"
 
     def __init__(self, directory: Path, config: dict, vision: TensorStore, projector: TensorStore, outtype: str,
                  notes: list[str]):
@@ -329,6 +500,79 @@ class MmprojPlan:
 
     def required_keys(self) -> list[str]:
         return list(self.metadata) + ["general.architecture", "general.file_type"]
+
+
+class NativeMmprojPlan:
+    """The vision tower and connector of a native VLM, as its row of ``mappings/gguf_projectors.yaml`` says."""
+
+    def __init__(self, directory: Path, config: dict, text: dict, row: dict, store: TensorStore, outtype: str):
+        vision = dict(config.get("vision_config") or {})
+        sources = {"vision": vision, "text": text, "top": config, "pre": _preprocessor(directory)}
+        for check in row.get("checks", []):
+            _check_config(directory, check, sources, "config.json")
+        self.kind = row["metadata"]["clip.projector_type"]["value"]
+        self.metadata: dict[str, tuple[str, Any]] = {}
+        for key, spec in row["metadata"].items():     # the config first: its refusals name the reason
+            value = _projector_value(directory, key, spec, sources)
+            if value is not None:
+                self.metadata[key] = (spec["type"], value)
+        params = {name: int(_field(vision, field)) for name, field in row["params"].items()}
+        skip = tuple(row.get("skip", []))
+        self.tensors, self.tables = _plan_table(store, row["tables"], params, lambda k: not k.startswith(skip),
+                                                outtype, f"{directory} (vision tower and connector)",
+                                                tuple(row.get("f32", [])), tuple(row.get("float", [])))
+
+    def required_keys(self) -> list[str]:
+        return list(self.metadata) + ["general.architecture", "general.file_type"]
+
+
+def _projector_value(directory: Path, key: str, spec: dict, sources: dict) -> Any:
+    """One ``metadata:`` entry of a projector row; None when the key is not written."""
+    if "value" in spec:
+        return spec["value"]
+    got = [_field(sources, f) for f in spec["from"]]
+    if "compute" in spec:
+        if any(v is None for v in got):
+            raise ClawError(f"{directory}: {key} needs {', '.join(spec['from'])} in the config")
+        return _COMPUTE[spec["compute"]](directory, *got)
+    value = next((v for v in got if v is not None), spec.get("default"))
+    if value is None:
+        raise ClawError(f"{directory}: the config has none of {', '.join(spec['from'])} ({key} needs it)")
+    return value
+
+
+def _wa_pattern(directory: Path, full: list) -> int:
+    """clip.vision.n_wa_pattern: every n-th block attends to the whole image (Qwen2VLVisionModel)."""
+    n = int(full[0]) + 1
+    if any(b - a != n for a, b in zip(full, full[1:])):
+        raise ClawError(f"{directory}: vision_config.fullatt_block_indexes {full} are not evenly spaced: "
+                        f"llama.cpp's qwen2.5vl graph takes one full-attention block every n")
+    return n
+
+
+def _merge_factor(directory: Path, image_size: int, patch_size: int, tokens: int) -> int | None:
+    """clip.vision.projector.scale_factor (Gemma3VisionModel): how much the pooling shrinks each
+    side, written only when it is not clip.cpp's default of 4."""
+    side = math.isqrt(int(tokens))
+    if side * side != int(tokens) or (image_size // patch_size) % side:
+        raise ClawError(f"{directory}: mm_tokens_per_image {tokens} is not a square that divides the "
+                        f"{image_size // patch_size} patches a side")
+    factor = (image_size // patch_size) // side
+    return None if factor == 4 else factor
+
+
+_COMPUTE = {"wa_pattern": _wa_pattern, "merge_factor": _merge_factor}
+
+
+def _preprocessor(directory: Path) -> dict:
+    """preprocessor_config.json merged with processor_config.json's image_processor (MmprojModel)."""
+    merged: dict = {}
+    for name, section in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if (directory / name).is_file():
+            cfg = read_json_file(directory / name, "processor config")
+            if isinstance(cfg, dict):
+                merged.update(cfg.get(section) or {} if section else cfg)
+    return merged
 
 
 def _normalization(directory: Path, family: str, notes: list[str]) -> tuple[list, list]:
