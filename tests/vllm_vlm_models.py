@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import tokenizers
 import transformers
 
 import runtime_models as rm
@@ -86,10 +87,14 @@ def _qwen_processor(processor: str, image: str, video: str):
 
 
 def _gemma_tokenizer():
-    return tokenizer(GEMMA_SPECIAL, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                     additional_special_tokens=GEMMA_SPECIAL[3:],
-                     extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                           "image_token": "<image_soft_token>"})
+    tok = tokenizer(GEMMA_SPECIAL, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                    additional_special_tokens=GEMMA_SPECIAL[3:],
+                    extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                          "image_token": "<image_soft_token>"})
+    # Gemma's vocabulary has runs of 1-4 newlines as single pieces, and vLLM's Gemma 3 processor looks
+    # them up by name (it re-merges the "\n\n" it puts around each image with the prompt's newlines)
+    tok.add_tokens([tokenizers.AddedToken("\n" * n, normalized=False) for n in (4, 3, 2, 1)])
+    return tok
 
 
 def _gemma_processor(tok):
