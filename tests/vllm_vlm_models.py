@@ -171,8 +171,8 @@ class RuntimeCase:
         return vm.CASES[self.name]
 
 
-def _qwen_text(tok, **kw):
-    return text_config(tok, rope_parameters=vm.MROPE, **kw)
+def _qwen_text(tok, rope_parameters=vm.MROPE, **kw):
+    return text_config(tok, rope_parameters=rope_parameters, **kw)
 
 
 CASES = {
@@ -193,9 +193,12 @@ CASES = {
     "qwen3_vl": RuntimeCase(
         "qwen3_vl", _qwen_tokenizer,
         lambda tok: transformers.Qwen3VLConfig(
-            text_config=_qwen_text(tok), vision_config=dict(QWEN_VISION, hidden_size=64, out_hidden_size=64,
-                                                            intermediate_size=128, deepstack_visual_indexes=[0],
-                                                            num_position_embeddings=64),
+            # Qwen's configs say "mrope_interleaved": true; transformers interleaves regardless, vLLM reads the flag
+            # (default false: without it vLLM runs sectioned M-RoPE and its logprobs are 0.049 off here)
+            text_config=_qwen_text(tok, rope_parameters=dict(vm.MROPE, mrope_interleaved=True)),
+            vision_config=dict(QWEN_VISION, hidden_size=64, out_hidden_size=64,
+                               intermediate_size=128, deepstack_visual_indexes=[0],
+                               num_position_embeddings=64),
             **_qwen_ids(tok)),
         _qwen_processor("Qwen3VLProcessor", "Qwen2VLImageProcessor", "Qwen3VLVideoProcessor")),
     "gemma3": RuntimeCase(
