@@ -295,7 +295,7 @@ def export(src: str | Path, dst: str | Path, to: str, *, quantize: str | None = 
     """Export for a runtime (``to``: onnx, gguf); see ``clawconvert export --help``.
 
     ``onnx``: one tower (``tower``, ``quantize="int8"``, ``tolerance``, ``opset``, source options);
-    ``gguf``: an HF causal LM or LLaVA (``outtype``: f32, f16, bf16, q8_0).  Options of the other
+    ``gguf``: an HF causal LM, LLaVA or native VLM (``outtype``: f32, f16, bf16, q8_0).  Options of the other
     target are refused.  Returns an :class:`~clawconvert.exporters.ExportResult`.
     """
     from .exporters import export as _export

@@ -95,8 +95,10 @@ def test_wheel_ships_the_mapping_tables(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("clawconvert-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for table in (ROOT / "mappings").glob("*/*.yaml"):
-        assert f"clawconvert/mappings/{table.parent.name}/{table.name}" in names
+    tables = sorted((ROOT / "mappings").rglob("*.yaml"))
+    assert any(t.parent.name == "mappings" for t in tables)          # top-level tables too (gguf_*.yaml)
+    for table in tables:
+        assert f"clawconvert/mappings/{table.relative_to(ROOT / 'mappings').as_posix()}" in names
 
 
 def test_missing_parent_directories_are_created_and_removed_again_on_failure(tmp_path, cli):

@@ -33,14 +33,20 @@ target's own runtime or reader before it is put in place; nothing is written on 
             compared with the PyTorch tower: fp32 must agree within --tolerance (1e-4); the
             int8 deviation is measured and printed.
 
---to gguf   an HF causal LM (llama, mistral, qwen2, as merge-lora writes them) or an HF
-            LLaVA with a CLIP or SigLIP tower, for llama.cpp.
+--to gguf   for llama.cpp: an HF causal LM (llama, mistral, qwen2, as merge-lora writes
+            them), an HF LLaVA with a CLIP or SigLIP tower, or a native VLM (Qwen2-VL,
+            Qwen2.5-VL, Qwen3-VL, Gemma 3, Idefics3 / SmolVLM, LLaVA-NeXT, LLaVA-OneVision).
               DST/model-<type>.gguf      the language model, tokenizer included (SentencePiece
                                          tokenizer.model, or a byte-fallback or byte-level BPE
-                                         tokenizer.json; added tokens such as <image> keep their ids)
-              DST/mmproj-<type>.gguf     LLaVA only: vision tower + projector (clip.* metadata:
-                                         projector type mlp, feature layer, image mean / std,
-                                         patch and image size, activation)
+                                         tokenizer.json; added tokens such as <image> keep their
+                                         ids), under the architecture llama.cpp's converter
+                                         gives it (llama, qwen2, qwen2vl, qwen3vl, gemma3)
+              DST/mmproj-<type>.gguf     vision tower + projector with the clip.* metadata
+                                         clip.cpp reads: LLaVA (projector mlp, feature layer,
+                                         image mean / std, patch and image size, activation),
+                                         Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3 / SmolVLM.
+                                         Qwen3-VL, LLaVA-NeXT and OneVision get the language
+                                         model only, with a note saying why.
             --outtype f32, f16 (default), bf16 or q8_0 (8-bit blocks of 32 for 2-D weights whose
             rows divide by 32; norms, biases and embeddings of positions stay f32, as llama.cpp's
             own converter does).  Tensors stream one at a time from the safetensors headers;
