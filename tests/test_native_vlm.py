@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from test_merge_lora import randomize_adapter, tree_hash  # noqa: E402
-from vlm_models import CASES, build  # noqa: E402
+from vlm_models import CASES, build, save_lora  # noqa: E402
 
 from clawconvert.cli import main  # noqa: E402
 
@@ -48,12 +48,9 @@ def merged(request, tmp_path_factory):
     inputs = case.inputs(model)
     with torch.no_grad():
         base_logits = model(**inputs).logits
+    save_lora(case, model, adapter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=case.targets,
-                                                        modules_to_save=case.connector, **case.lora))
-        randomize_adapter(pm, std=0.1)
-        pm.save_pretrained(adapter)
         fresh = case.model_class().from_pretrained(base, dtype=torch.float32)
         ref_model = peft.PeftModel.from_pretrained(fresh, adapter).eval()
     with torch.no_grad():

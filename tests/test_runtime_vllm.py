@@ -114,7 +114,7 @@ def test_vllm_runs_merged_native_vlm_like_transformers_and_peft(name, work):
 
     import peft
     from PIL import Image
-    from test_merge_lora import randomize_adapter
+    from vlm_models import save_lora
 
     from clawconvert.cli import main
 
@@ -122,12 +122,7 @@ def test_vllm_runs_merged_native_vlm_like_transformers_and_peft(name, work):
     case, root = rc.case, work / name
     base, adapter, out = root / "base", root / "lora", root / "merged"
     model, _ = vv.base(rc, base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=case.targets,
-                                                        modules_to_save=case.connector, **case.lora))
-        randomize_adapter(pm, std=0.1)
-        pm.save_pretrained(adapter)
+    save_lora(case, model, adapter)
     assert main(["merge-lora", str(base), str(adapter), str(out)]) == 0
 
     processor = transformers.AutoProcessor.from_pretrained(out)

@@ -175,6 +175,16 @@ def _qwen_text(tok, rope_parameters=vm.MROPE, **kw):
     return text_config(tok, rope_parameters=rope_parameters, **kw)
 
 
+def _idefics_case(name: str, config_class: str, processor) -> RuntimeCase:
+    """Idefics3 and SmolVLM share the tokenizer and the config fields (llama LM, SigLIP, scale factor 2)."""
+    return RuntimeCase(
+        name, _idefics_tokenizer,
+        lambda tok: getattr(transformers, config_class)(
+            text_config=text_config(tok, model_type="llama"), vision_config=dict(SIGLIP), scale_factor=2,
+            image_token_id=_id(tok, "<image>")),
+        processor)
+
+
 CASES = {
     "qwen2_vl": RuntimeCase(
         "qwen2_vl", _qwen_tokenizer,
@@ -209,18 +219,8 @@ CASES = {
             image_token_index=_id(tok, "<image_soft_token>"), boi_token_index=_id(tok, "<start_of_image>"),
             eoi_token_index=_id(tok, "<end_of_image>")),
         _gemma_processor),
-    "idefics3": RuntimeCase(
-        "idefics3", _idefics_tokenizer,
-        lambda tok: transformers.Idefics3Config(
-            text_config=text_config(tok, model_type="llama"), vision_config=dict(SIGLIP), scale_factor=2,
-            image_token_id=_id(tok, "<image>")),
-        _idefics3_processor),
-    "smolvlm": RuntimeCase(
-        "smolvlm", _idefics_tokenizer,
-        lambda tok: transformers.SmolVLMConfig(
-            text_config=text_config(tok, model_type="llama"), vision_config=dict(SIGLIP), scale_factor=2,
-            image_token_id=_id(tok, "<image>")),
-        _smolvlm_processor),
+    "idefics3": _idefics_case("idefics3", "Idefics3Config", _idefics3_processor),
+    "smolvlm": _idefics_case("smolvlm", "SmolVLMConfig", _smolvlm_processor),
     "llava_next": RuntimeCase(
         "llava_next", _llava_tokenizer,
         lambda tok: transformers.LlavaNextConfig(

@@ -198,3 +198,20 @@ def build(case: Case, path, seed: int = 0):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     model.save_pretrained(path)
     return model
+
+
+def save_lora(case: Case, model, path, std: float = 0.1):
+    """Wrap ``model`` in a seeded peft LoRA on ``case``'s targets (connector in modules_to_save),
+    save the adapter to ``path`` and return the PEFT model."""
+    import warnings
+
+    import peft
+    from test_merge_lora import randomize_adapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=case.targets,
+                                                        modules_to_save=case.connector, **case.lora))
+        randomize_adapter(pm, std=std)
+        pm.save_pretrained(path)
+    return pm
