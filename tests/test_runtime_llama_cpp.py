@@ -18,10 +18,8 @@ fix (PR #25844); SigLIP towers have no class token and match on the stock build.
 """
 from __future__ import annotations
 
-import math
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,23 +29,15 @@ pytestmark = pytest.mark.skipif(os.environ.get("CLAWCONVERT_SLOW") != "1", reaso
 
 transformers = pytest.importorskip("transformers")
 import runtime_models as rm  # noqa: E402
+from llama_cpp_tools import (N_GREEDY, VERSION, cosine, hf_image_features, llama_embeddings, probe,  # noqa: E402
+                             prompt_ids, rainbow, tool)
 
 import clawconvert  # noqa: E402
 
-VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
-ROOT = Path(os.environ.get("CLAWCONVERT_RUNTIMES", Path.home() / ".cache/clawconvert-runtimes")) / f"llama.cpp-{VERSION}"
 EMBED_TOL = 1e-3          # image embeddings, f32 GGUF (llama.cpp's GELU is the tanh form; HF's projector uses erf)
 LOGIT_TOL = 5e-3          # first-token logits after 16 image tokens and a prompt
-N_GREEDY = 8
 PROMPTS = {"llama": "USER: <__media__>\ndescribe the image\nASSISTANT:",            # the built-in templates' forms
            "qwen2": "<|im_start|>user\n<__media__>describe the image<|im_end|>\n<|im_start|>assistant\n"}
-
-
-def tool(build: str, name: str) -> str:
-    path = ROOT / build / "bin" / name
-    if not path.is_file():
-        pytest.fail(f"{path} missing: run tools/build_llama_cpp.sh first (about 15 minutes)")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -70,64 +60,11 @@ def llava(request, work, base):
     return kind, lm, src, out
 
 
-def rainbow(n: int) -> torch.Tensor:
-    """llama-mtmd-debug's "rainbow" image (tools/mtmd/debug/mtmd-debug.md), as raw pixel values."""
-    img = torch.zeros(1, 3, n, n)
-    c = n / 2.0
-    far = math.sqrt(2 * c * c)
-    for y in range(n):
-        for x in range(n):
-            dx, dy = x - c, y - c
-            hue = math.atan2(dy, dx) / (2 * math.pi) % 1.0
-            sat = min(math.sqrt(dx * dx + dy * dy) / far, 1.0)
-            i6, f = int(hue * 6), hue * 6 - int(hue * 6)
-            p, q, t = 1 - sat, 1 - sat * f, 1 - sat * (1 - f)
-            img[0, :, y, x] = torch.tensor([(1, t, p), (q, 1, p), (p, 1, t), (p, q, 1), (t, p, 1), (1, p, q)][i6 % 6])
-    return img
-
-
-def llama_embeddings(build: str, out: Path, size: int, dump: Path) -> np.ndarray:
-    r = subprocess.run([tool(build, "llama-mtmd-debug"), "-m", str(out / "model-f32.gguf"), "--mmproj",
-                        str(out / "mmproj-f32.gguf"), "-p", "encode", "-n", str(size), "--image", "rainbow"],
-                       env={**os.environ, "MTMD_DEBUG_EMBEDDINGS": str(dump)}, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    n_tokens, n_embd = np.fromfile(dump, dtype=np.int32, count=2)
-    return np.fromfile(dump, dtype=np.float32, offset=8).reshape(n_tokens, n_embd)
-
-
-def hf_image_features(model, pixels: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        out = model.get_image_features(pixel_values=pixels)
-    out = getattr(out, "pooler_output", out)
-    out = torch.cat(list(out)) if isinstance(out, (list, tuple)) else out
-    return out.reshape(-1, out.shape[-1]).numpy()
-
-
-def probe(build: str, out: Path, rgb: Path, size: int, prompt: str, logits: Path) -> tuple[list, list[int]]:
-    r = subprocess.run([tool(build, "clawconvert-llama-probe"), str(out / "model-f32.gguf"), str(out / "mmproj-f32.gguf"),
-                        str(rgb), str(size), str(size), prompt, str(N_GREEDY), str(logits)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    chunks, greedy = [], []
-    for line in r.stdout.splitlines():
-        kind, *rest = line.split()
-        if kind == "greedy":
-            greedy = [int(x) for x in rest]
-        else:
-            chunks.append((kind, [int(x) for x in rest]))
-    return chunks, greedy
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
-
-
 def test_image_embeddings_match_transformers(llava, work):
     kind, lm, src, out = llava
     model = transformers.LlavaForConditionalGeneration.from_pretrained(src).eval()
     size = model.config.vision_config.image_size
-    ref = hf_image_features(model, rainbow(size))
+    ref = hf_image_features(model, pixel_values=rainbow(size))
     for build in ("stock", "cls-fix"):
         emb = llama_embeddings(build, out, size, work / f"emb-{kind}-{lm}-{build}.bin")
         assert emb.shape == ref.shape
@@ -154,9 +91,7 @@ def test_logits_and_greedy_tokens_match_transformers(llava, work):
         logits_file = work / f"logits-{kind}-{lm}-{build}.bin"
         chunks, greedy = probe(build, out, rgb, size, PROMPTS[lm], logits_file)
         assert [c[0] for c in chunks] == ["text", "image", "text"]
-        ids: list[int] = []
-        for what, values in chunks:
-            ids += values if what == "text" else [model.config.image_token_index] * values[0]
+        ids = prompt_ids(chunks, model.config.image_token_index)
         assert chunks[1][1] == [model.config.image_seq_length]
         if lm == "llama":   # llama.cpp's SentencePiece tokens of the text before the image are transformers' (+ BOS)
             assert chunks[0][1] == [1] + processor.tokenizer("USER:", add_special_tokens=False).input_ids \

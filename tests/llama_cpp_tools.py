@@ -1,0 +1,94 @@
+"""llama.cpp's tools as the slow tests run them (built by tools/build_llama_cpp.sh), shared by
+tests/test_runtime_llama_cpp.py (LLaVA) and tests/test_runtime_llama_cpp_vlm.py (native VLMs).
+
+* ``llama_embeddings`` runs ``llama-mtmd-debug -p encode --image rainbow`` and reads the image
+  embeddings it dumps (MTMD_DEBUG_EMBEDDINGS=<file>); ``rainbow`` is that image as raw pixels;
+* ``probe`` runs ``clawconvert-llama-probe`` (tools/llama_probe.cpp) and parses its prompt chunks
+  and greedy tokens; ``prompt_ids`` turns the chunks into the ids transformers runs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+RUNTIMES = Path(os.environ.get("CLAWCONVERT_RUNTIMES", Path.home() / ".cache/clawconvert-runtimes"))
+ROOT = RUNTIMES / f"llama.cpp-{VERSION}"
+N_GREEDY = 8
+Chunks = list[tuple[str, list[int]]]
+
+
+def tool(build: str, name: str) -> str:
+    path = ROOT / build / "bin" / name
+    if not path.is_file():
+        pytest.fail(f"{path} missing: run tools/build_llama_cpp.sh first (about 15 minutes)")
+    return str(path)
+
+
+def rainbow(n: int) -> torch.Tensor:
+    """llama-mtmd-debug's "rainbow" image (tools/mtmd/debug/mtmd-debug.md), as raw pixel values."""
+    img = torch.zeros(1, 3, n, n)
+    c = n / 2.0
+    far = math.sqrt(2 * c * c)
+    for y in range(n):
+        for x in range(n):
+            dx, dy = x - c, y - c
+            hue = math.atan2(dy, dx) / (2 * math.pi) % 1.0
+            sat = min(math.sqrt(dx * dx + dy * dy) / far, 1.0)
+            i6, f = int(hue * 6), hue * 6 - int(hue * 6)
+            p, q, t = 1 - sat, 1 - sat * f, 1 - sat * (1 - f)
+            img[0, :, y, x] = torch.tensor([(1, t, p), (q, 1, p), (p, 1, t), (p, q, 1), (t, p, 1), (1, p, q)][i6 % 6])
+    return img
+
+
+def llama_embeddings(build: str, out: Path, size: int, dump: Path) -> np.ndarray:
+    r = subprocess.run([tool(build, "llama-mtmd-debug"), "-m", str(out / "model-f32.gguf"), "--mmproj",
+                        str(out / "mmproj-f32.gguf"), "-p", "encode", "-n", str(size), "--image", "rainbow"],
+                       env={**os.environ, "MTMD_DEBUG_EMBEDDINGS": str(dump)}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n_tokens, n_embd = np.fromfile(dump, dtype=np.int32, count=2)
+    return np.fromfile(dump, dtype=np.float32, offset=8).reshape(n_tokens, n_embd)
+
+
+def hf_image_features(model, **inputs: torch.Tensor) -> np.ndarray:
+    """``model.get_image_features(**inputs)`` as one (tokens, width) array, whatever container it comes in."""
+    with torch.no_grad():
+        out = model.get_image_features(**inputs)
+    out = getattr(out, "pooler_output", out)
+    out = torch.cat([t.reshape(-1, t.shape[-1]) for t in out]) if isinstance(out, (list, tuple)) else out
+    return out.reshape(-1, out.shape[-1]).numpy()
+
+
+def probe(build: str, out: Path, rgb: Path, size: int, prompt: str, logits: Path) -> tuple[Chunks, list[int]]:
+    """Run the probe on a square RGB file; return its chunks ("text", ids) / ("image", [n_tokens]) and greedy ids."""
+    r = subprocess.run([tool(build, "clawconvert-llama-probe"), str(out / "model-f32.gguf"),
+                        str(out / "mmproj-f32.gguf"), str(rgb), str(size), str(size), prompt, str(N_GREEDY), str(logits)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    chunks, greedy = [], []
+    for line in r.stdout.splitlines():
+        kind, *rest = line.split()
+        if kind == "greedy":
+            greedy = [int(x) for x in rest]
+        else:
+            chunks.append((kind, [int(x) for x in rest]))
+    return chunks, greedy
+
+
+def prompt_ids(chunks: Chunks, image_token: int) -> list[int]:
+    """The probe's prompt as transformers takes it: each image chunk becomes its number of image tokens."""
+    ids: list[int] = []
+    for what, values in chunks:
+        ids += values if what == "text" else [image_token] * values[0]
+    return ids
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))

@@ -1,0 +1,248 @@
+"""llama.cpp runs the native-VLM files export --to gguf writes, and matches transformers (CLAWCONVERT_SLOW=1).
+
+Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3 and SmolVLM as tests/vllm_vlm_models.py builds them (seeded
+weights, byte-level BPE with the family's special tokens, the family's processor, head dim 32),
+exported by ``clawconvert.export(src, out, to="gguf", outtype="f32")`` and run on the stock build
+of tools/build_llama_cpp.sh (its CLS-order fix concerns LLaVA graphs only):
+
+* image embeddings: ``llama-mtmd-debug`` encodes its "rainbow" image (raw pixels) and dumps them;
+  transformers' ``get_image_features`` takes the same pixels (Qwen's flattened into patches as its
+  processor does).  Qwen2.5-VL's image is 128 pixels, 16 merged patches a side, which clip.cpp's
+  windows of 112 pixels (14 merged patches) cut unevenly;
+* logits and greedy tokens: ``clawconvert-llama-probe`` tokenizes a chat prompt with one image as
+  llama-mtmd-cli does and evaluates it (M-RoPE positions included for Qwen); transformers runs the
+  same ids, with the image through the family's image processor at a size neither side resizes
+  (Idefics3: 2x2 tiles of 28 cut from a 56-pixel image, and the overview llama.cpp resizes with its
+  copy of Pillow's Lanczos, resized here by Pillow).  The text around the image is checked against
+  the HF tokenizer.
+
+Changes to the vllm_vlm_models builds, each because llama.cpp needs it or the test would prove less:
+* Gemma 3's ``mm_input_projection_weight`` is randomised (transformers initialises it to zeros, and
+  every image would embed to zeros);
+* Qwen's text ``rope_theta`` is 100, so that the M-RoPE height and width sections turn by
+  measurable angles over a 4x4 grid (swapping them must move the logits ten times further than
+  llama.cpp is from transformers: asserted);
+* Qwen2.5-VL's vision ``window_size`` is 112 (clip.cpp hard-codes it; the export refuses others);
+* Idefics3 / SmolVLM get a "\\n\\n" token: mtmd looks it up to open the overview image (the real
+  vocabularies have it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("CLAWCONVERT_SLOW") != "1", reason="slow: set CLAWCONVERT_SLOW=1")
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+import vllm_vlm_models as vv  # noqa: E402
+from llama_cpp_tools import (VERSION, cosine, hf_image_features, llama_embeddings, probe,  # noqa: E402
+                             prompt_ids, rainbow)
+from PIL import Image  # noqa: E402
+
+import clawconvert  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+BUILD = "stock"
+EMBED_TOL = 1e-3          # image embeddings, f32 GGUF: SigLIP towers (Gemma 3, Idefics3)
+# Qwen's towers: ggml's CPU GELU and quick GELU read a table at the fp16-rounded input, and its conv2d
+# (the patch embedding) rounds pixels and kernel to fp16; doing the same in transformers brings the
+# gap from 2.6e-3 / 3.1e-3 to 1.2e-3 / 5.9e-4 (Qwen2-VL / Qwen2.5-VL rainbow).
+QWEN_EMBED_TOL = 5e-3
+LOGIT_TOL = 5e-3          # first-token logits after the image and a chat prompt
+# Qwen's language model: the same files on text alone are 2.7e-3 - 3.9e-3 from transformers, and with the
+# image 3.3e-3 - 5.4e-3 as rope_theta goes from 100 to 10000 (greedy tokens equal throughout)
+QWEN_LOGIT_TOL = 1e-2
+Inputs = dict[str, torch.Tensor]
+
+
+def _qwen_raw(model, img: torch.Tensor) -> Inputs:
+    """Raw pixels as Qwen2VLImageProcessor flattens them: each frame twice, patches in 2x2 merge order."""
+    vc = model.config.vision_config
+    p, m, t = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+    g = img.shape[-1] // p
+    x = img.repeat(t, 1, 1, 1).reshape(1, t, 3, g // m, m, p, g // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(g * g, 3 * t * p * p)
+    return {"pixel_values": x, "image_grid_thw": torch.tensor([[1, g, g]])}
+
+
+def _square_raw(model, img: torch.Tensor) -> Inputs:
+    return {"pixel_values": img}
+
+
+def _tiles_raw(model, img: torch.Tensor) -> Inputs:
+    n = img.shape[-1]
+    return {"pixel_values": img[None], "pixel_attention_mask": torch.ones(1, 1, n, n, dtype=torch.bool)}
+
+
+def _processed(processor, image: Image.Image) -> Inputs:
+    out = processor.image_processor(images=image, return_tensors="pt")
+    return {k: out[k] for k in ("pixel_values", "image_grid_thw") if k in out}      # not Gemma's num_crops
+
+
+def _tiles_processed(processor, image: Image.Image) -> Inputs:
+    """llama.cpp's Idefics3 slices (row by row), then the overview, normalised by the HF image processor."""
+    side = image.width // 2
+    tiles = [image.crop((x, y, x + side, y + side)) for y in (0, side) for x in (0, side)]
+    tiles.append(image.resize((side, side), Image.LANCZOS))
+    return dict(processor.image_processor(images=[tiles], do_image_splitting=False, do_resize=False,
+                                          return_tensors="pt"))
+
+
+@dataclass(frozen=True)
+class Case:
+    prompt: str                          # a chat turn with one media marker
+    image_token: str
+    opening: tuple[str, ...]             # what mtmd puts between the text and the (first) image
+    closing: tuple[str, ...]             # and after the (last) image
+    raw: Callable[[Any, torch.Tensor], Inputs]            # get_image_features inputs for raw pixels
+    processed: Callable[[Any, Image.Image], Inputs]       # pixel inputs from the HF image processor
+    probe_size: int
+    rainbow_size: int
+    embed_tol: float = EMBED_TOL
+    logit_tol: float = LOGIT_TOL
+    token_types: str | None = None       # the forward's image-token mask argument
+    bos: bool = False                    # llama.cpp adds BOS (its default for a llama-bpe vocabulary)
+
+
+CHATML = "<|im_start|>user\n<__media__>describe the image<|im_end|>\n<|im_start|>assistant\n"
+QWEN = dict(prompt=CHATML, image_token="<|image_pad|>", opening=("<|vision_start|>",), closing=("<|vision_end|>",),
+            raw=_qwen_raw, processed=_processed, probe_size=32, embed_tol=QWEN_EMBED_TOL, logit_tol=QWEN_LOGIT_TOL,
+            token_types="mm_token_type_ids")
+IDEFICS = dict(prompt="<|im_start|>User:<__media__>describe the image<end_of_utterance>\n<|im_start|>Assistant:",
+               image_token="<image>", opening=("<fake_token_around_image>", "<row_1_col_1>"),
+               closing=("<fake_token_around_image>",), raw=_tiles_raw, processed=_tiles_processed, probe_size=56,
+               rainbow_size=28, bos=True)
+CASES = {
+    "qwen2_vl": Case(**QWEN, rainbow_size=64),
+    "qwen2_5_vl": Case(**QWEN, rainbow_size=128),
+    "gemma3": Case("<start_of_turn>user\n<__media__>describe the image<end_of_turn>\n<start_of_turn>model\n",
+                   "<image_soft_token>", ("<start_of_image>",), ("<end_of_image>",), _square_raw, _processed,
+                   probe_size=28, rainbow_size=28, token_types="token_type_ids"),
+    "idefics3": Case(**IDEFICS),
+    "smolvlm": Case(**IDEFICS),
+}
+
+
+def runtime_case(name: str) -> vv.RuntimeCase:
+    """vllm_vlm_models' case with the changes listed in the module docstring."""
+    rc = vv.CASES[name]
+
+    def config(tok):
+        cfg = rc.config(tok)
+        if name.startswith("qwen"):
+            cfg.text_config.rope_parameters = dict(cfg.text_config.rope_parameters, rope_theta=100.0)
+        if name == "qwen2_5_vl":
+            cfg.vision_config.window_size = 112
+        return cfg
+
+    def tokenizer():
+        tok = rc.tokenizer()
+        if name in ("idefics3", "smolvlm"):
+            tok.add_tokens([tokenizers.AddedToken("\n\n", normalized=False)])
+        return tok
+
+    return dataclasses.replace(rc, config=config, tokenizer=tokenizer)
+
+
+def build(name: str, path: Path) -> Path:
+    model, _ = vv.base(runtime_case(name), path)
+    if name == "gemma3":
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(
+                0, 0.1, generator=torch.Generator().manual_seed(5))
+        model.save_pretrained(path)
+    return path
+
+
+@dataclass
+class Built:
+    name: str
+    case: Case
+    out: Path
+    model: Any
+    processor: Any
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("llama-cpp-vlm")
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def vlm(request, work) -> Built:
+    name = request.param
+    src = build(name, work / name)
+    out = work / f"gguf-{name}"
+    clawconvert.export(src, out, to="gguf", outtype="f32")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(src).eval()
+    return Built(name, CASES[name], out, model, transformers.AutoProcessor.from_pretrained(src))
+
+
+def test_image_embeddings_match_transformers(vlm, work):
+    size = vlm.case.rainbow_size
+    ref = hf_image_features(vlm.model, **vlm.case.raw(vlm.model, rainbow(size)))
+    emb = llama_embeddings(BUILD, vlm.out, size, work / f"emb-{vlm.name}.bin")
+    assert emb.shape == ref.shape
+    diff = float(np.abs(emb - ref).max())
+    print(f"{vlm.name}, llama.cpp {VERSION} {BUILD}: image embeddings max |diff| {diff:.3g} (max |value| "
+          f"{np.abs(ref).max():.3g}), mean cosine {cosine(emb, ref):.6f} vs transformers get_image_features "
+          f"({emb.shape[0]} tokens x {emb.shape[1]}, {size} px)")
+    assert diff <= vlm.case.embed_tol
+
+
+def _check_text_chunks(vlm: Built, chunks) -> None:
+    """The text before and after the image is the HF tokenizer's, around the family's image delimiters."""
+    tok = vlm.processor.tokenizer
+    pre, post = vlm.case.prompt.split("<__media__>")
+    bos = [tok.bos_token_id] if vlm.case.bos else []
+    assert chunks[0] == ("text", bos + tok(pre, add_special_tokens=False).input_ids
+                         + tok.convert_tokens_to_ids(list(vlm.case.opening)))
+    assert chunks[-1] == ("text", tok.convert_tokens_to_ids(list(vlm.case.closing))
+                          + tok(post, add_special_tokens=False).input_ids)
+
+
+def _swapped_sections_logits(model, ids: torch.Tensor, inputs: Inputs) -> np.ndarray:
+    """transformers' logits with the M-RoPE height and width positions swapped: where a section mix-up lands."""
+    pos, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
+    with torch.no_grad():
+        return model(input_ids=ids, position_ids=pos[[0, 2, 1]], **inputs).logits[0, -1].numpy()
+
+
+def test_logits_and_greedy_tokens_match_transformers(vlm, work):
+    size, case, model = vlm.case.probe_size, vlm.case, vlm.model
+    pixels = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
+    rgb = work / f"image-{vlm.name}.rgb"
+    pixels.tofile(rgb)
+    logits_file = work / f"logits-{vlm.name}.bin"
+    chunks, greedy = probe(BUILD, vlm.out, rgb, size, case.prompt, logits_file)
+    _check_text_chunks(vlm, chunks)
+    image = case.processed(vlm.processor, Image.fromarray(pixels))
+    n_image = sum(values[0] for what, values in chunks if what == "image")
+    assert n_image == hf_image_features(model, **image).shape[0]
+    image_id = vlm.processor.tokenizer.convert_tokens_to_ids(case.image_token)
+    ids = torch.tensor([prompt_ids(chunks, image_id)])
+    inputs = dict(image, **({case.token_types: (ids == image_id).long()} if case.token_types else {}))
+    with torch.no_grad():
+        ref = model(input_ids=ids, **inputs).logits[0, -1].numpy()
+        ref_greedy = model.generate(input_ids=ids, **inputs, max_new_tokens=len(greedy),
+                                    do_sample=False)[0, ids.shape[1]:].tolist()
+    logits = np.fromfile(logits_file, dtype=np.float32)
+    diff = float(np.abs(logits - ref).max())
+    print(f"{vlm.name}, llama.cpp {VERSION} {BUILD}: first-token logits max |diff| {diff:.3g} ({ids.shape[1]} "
+          f"prompt tokens, {n_image} image tokens); greedy {greedy} vs transformers {ref_greedy}")
+    assert diff <= case.logit_tol
+    assert greedy == ref_greedy
+    if case.token_types == "mm_token_type_ids":
+        swapped = float(np.abs(logits - _swapped_sections_logits(model, ids, inputs)).max())
+        print(f"{vlm.name}: with height and width M-RoPE sections swapped, transformers is {swapped:.3g} away")
+        assert swapped > 10 * diff
