@@ -16,6 +16,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -52,7 +53,14 @@ int main(int argc, char ** argv) {
     mtmd_helper_log_set(errors_only, nullptr);
     llama_backend_init();
 
-    llama_model * model = llama_model_load_from_file(argv[1], llama_model_default_params());
+    // LLAMA_ARG_REPACK=0 turns weight repacking off, as it does for llama.cpp's own tools (-nr): on CPUs
+    // with AMX, 0.3.36's AMX q8_0 matmul crashes (ggml-org/llama.cpp#20824)
+    llama_model_params mparams_model = llama_model_default_params();
+    const char * repack = getenv("LLAMA_ARG_REPACK");
+    if (repack && (!strcmp(repack, "0") || !strcmp(repack, "false") || !strcmp(repack, "off"))) {
+        mparams_model.use_extra_bufts = false;
+    }
+    llama_model * model = llama_model_load_from_file(argv[1], mparams_model);
     if (!model) {
         return fail("cannot load the model");
     }
