@@ -4,12 +4,14 @@ Each tiny model of tests/vlm_models.py (transformers 5 configs, seeded weights) 
 SentencePiece tokenizer and a preprocessor config, is exported, and the files are read back
 with gguf's GGUFReader.  Every language-model tensor must carry the name gguf-py's own
 TensorNameMap gives the HF tensor for the architecture llama.cpp's converter picks, with the
-source's values after undoing the converter's documented changes (written out here: the llama
-q/k permute, Gemma's norm weight + 1); every mmproj tensor the name and values
-convert_hf_to_gguf.py's Qwen2VLVisionModel / Gemma3VisionModel / SmolVLMModel give it (the
-qkv and Conv3D cuts re-written here); metadata against the transformers config.  The sources
-are read with ``safetensors`` directly.  That llama.cpp runs the files is
-tests/test_runtime_llama_cpp_vlm.py (CLAWCONVERT_SLOW=1).
+source's values after the converter's documented changes (written out here: the llama q/k
+permute, Gemma's norm weight + 1); every mmproj tensor the name and values llama.cpp's
+converter (conversion/qwenvl.py Qwen2VLVisionModel, gemma.py Gemma3VisionModel, smolvlm.py
+SmolVLMModel) gives it (the qkv and Conv3D cuts re-written here); metadata against the
+transformers config.  The sources are read with ``safetensors`` directly.  Qwen3-VL,
+LLaVA-NeXT and LLaVA-OneVision get no mmproj (the Qwen3-VL and OneVision notes are checked).
+That llama.cpp runs such files and matches transformers is tests/test_runtime_llama_cpp_vlm.py
+(CLAWCONVERT_SLOW=1: runtime-sized Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3 and SmolVLM).
 """
 from __future__ import annotations
 
