@@ -4,7 +4,8 @@ tests/test_runtime_llama_cpp.py (LLaVA) and tests/test_runtime_llama_cpp_vlm.py 
 * ``llama_embeddings`` runs ``llama-mtmd-debug -p encode --image rainbow`` and reads the image
   embeddings it dumps (MTMD_DEBUG_EMBEDDINGS=<file>); ``rainbow`` is that image as raw pixels;
 * ``probe`` runs ``clawconvert-llama-probe`` (tools/llama_probe.cpp) and parses its prompt chunks
-  and greedy tokens; ``prompt_ids`` turns the chunks into the ids transformers runs.
+  and greedy tokens; ``prompt_ids`` turns the chunks into the ids transformers runs;
+* ``mtmd_cli`` runs the user-facing ``llama-mtmd-cli --jinja`` on a pair and checks it encoded the image.
 """
 from __future__ import annotations
 
@@ -53,8 +54,7 @@ def llama_embeddings(build: str, out: Path, size: int, dump: Path) -> np.ndarray
                        env={**os.environ, "MTMD_DEBUG_EMBEDDINGS": str(dump)}, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    n_tokens, n_embd = np.fromfile(dump, dtype=np.int32, count=2)
-    return np.fromfile(dump, dtype=np.float32, offset=8).reshape(n_tokens, n_embd)
+    return read_embeddings(dump)
 
 
 def hf_image_features(model, **inputs: torch.Tensor) -> np.ndarray:
@@ -69,7 +69,8 @@ def hf_image_features(model, **inputs: torch.Tensor) -> np.ndarray:
 def probe(build: str, out: Path, rgb: Path, size: int, prompt: str, logits: Path) -> tuple[Chunks, list[int]]:
     """Run the probe on a square RGB file; return its chunks ("text", ids) / ("image", [n_tokens]) and greedy ids."""
     r = subprocess.run([tool(build, "clawconvert-llama-probe"), str(out / "model-f32.gguf"),
-                        str(out / "mmproj-f32.gguf"), str(rgb), str(size), str(size), prompt, str(N_GREEDY), str(logits)],
+                        str(out / "mmproj-f32.gguf"), str(rgb), str(size), str(size), prompt, str(N_GREEDY),
+                        str(logits)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     chunks, greedy = [], []
@@ -92,3 +93,29 @@ def prompt_ids(chunks: Chunks, image_token: int) -> list[int]:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+
+
+def read_embeddings(dump: Path) -> np.ndarray:
+    """clip.cpp's MTMD_DEBUG_EMBEDDINGS file: int32 n_tokens, int32 n_embd, then float32 rows."""
+    n_tokens, n_embd = np.fromfile(dump, dtype=np.int32, count=2)
+    return np.fromfile(dump, dtype=np.float32, offset=8).reshape(n_tokens, n_embd)
+
+
+def mtmd_cli(build: str, out: Path, image: Path) -> None:
+    """``llama-mtmd-cli --jinja`` on the f32 pair and a random 32x32 PNG (written to ``image``) runs and encodes
+    the image (--jinja: the tests' chat templates are not ones llama.cpp recognises).  The encoding is seen in
+    the embeddings clip.cpp dumps (MTMD_DEBUG_EMBEDDINGS), not in the log: the CLI's logger is a leaked
+    singleton whose worker thread loses the last lines when a tiny model finishes within milliseconds."""
+    from PIL import Image
+
+    Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype(np.uint8)).save(image)
+    dump = image.with_suffix(".emb")
+    dump.unlink(missing_ok=True)
+    r = subprocess.run([tool(build, "llama-mtmd-cli"), "-m", str(out / "model-f32.gguf"), "--mmproj",
+                        str(out / "mmproj-f32.gguf"), "--image", str(image), "-p", "describe the image", "-n", "4",
+                        "--temp", "0", "--jinja"], env={**os.environ, "MTMD_DEBUG_EMBEDDINGS": str(dump)},
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert dump.is_file(), f"llama-mtmd-cli encoded no image: {r.stderr[-2000:]}"
+    emb = read_embeddings(dump)
+    assert emb.size and np.isfinite(emb).all() and np.abs(emb).max() > 0

@@ -14,7 +14,8 @@ of tools/build_llama_cpp.sh (its CLS-order fix concerns LLaVA graphs only):
   same ids, with the image through the family's image processor at a size neither side resizes
   (Idefics3: 2x2 tiles of 28 cut from a 56-pixel image, and the overview llama.cpp resizes with its
   copy of Pillow's Lanczos, resized here by Pillow).  The text around the image is checked against
-  the HF tokenizer.
+  the HF tokenizer;
+* ``llama-mtmd-cli --jinja`` runs each pair end to end.
 
 Changes to the vllm_vlm_models builds, each because llama.cpp needs it or the test would prove less:
 * Gemma 3's ``mm_input_projection_weight`` is randomised (transformers initialises it to zeros, and
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("CLAWCONVERT_SLOW") != "1", reaso
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 import vllm_vlm_models as vv  # noqa: E402
-from llama_cpp_tools import (VERSION, cosine, hf_image_features, llama_embeddings, probe,  # noqa: E402
+from llama_cpp_tools import (VERSION, cosine, hf_image_features, llama_embeddings, mtmd_cli, probe,  # noqa: E402
                              prompt_ids, rainbow)
 from PIL import Image  # noqa: E402
 
@@ -246,3 +247,7 @@ def test_logits_and_greedy_tokens_match_transformers(vlm, work):
         swapped = float(np.abs(logits - _swapped_sections_logits(model, ids, inputs)).max())
         print(f"{vlm.name}: with height and width M-RoPE sections swapped, transformers is {swapped:.3g} away")
         assert swapped > 10 * diff
+
+
+def test_llama_mtmd_cli_runs_the_pair(vlm, work):
+    mtmd_cli(BUILD, vlm.out, work / f"image-{vlm.name}.png")
