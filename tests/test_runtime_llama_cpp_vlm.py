@@ -44,8 +44,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("CLAWCONVERT_SLOW") != "1", reaso
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 import vllm_vlm_models as vv  # noqa: E402
-from llama_cpp_tools import (VERSION, cosine, hf_image_features, llama_embeddings, mtmd_cli, probe,  # noqa: E402
-                             prompt_ids, rainbow)
+from llama_cpp_tools import (N_GREEDY, VERSION, Chunks, cosine, hf_image_features, llama_embeddings,  # noqa: E402
+                             mtmd_cli, probe, prompt_ids, rainbow)
 from PIL import Image  # noqa: E402
 
 import clawconvert  # noqa: E402
@@ -113,12 +113,13 @@ class Case:
     logit_tol: float = LOGIT_TOL
     token_types: str | None = None       # the forward's image-token mask argument
     bos: bool = False                    # llama.cpp adds BOS (its default for a llama-bpe vocabulary)
+    mrope: bool = False                  # Qwen's M-RoPE: the height / width sections are checked
 
 
 CHATML = "<|im_start|>user\n<__media__>describe the image<|im_end|>\n<|im_start|>assistant\n"
 QWEN = dict(prompt=CHATML, image_token="<|image_pad|>", opening=("<|vision_start|>",), closing=("<|vision_end|>",),
             raw=_qwen_raw, processed=_processed, probe_size=32, embed_tol=QWEN_EMBED_TOL, logit_tol=QWEN_LOGIT_TOL,
-            token_types="mm_token_type_ids")
+            token_types="mm_token_type_ids", mrope=True)
 IDEFICS = dict(prompt="<|im_start|>User:<__media__>describe the image<end_of_utterance>\n<|im_start|>Assistant:",
                image_token="<image>", opening=("<fake_token_around_image>", "<row_1_col_1>"),
                closing=("<fake_token_around_image>",), raw=_tiles_raw, processed=_tiles_processed, probe_size=56,
@@ -175,12 +176,12 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("llama-cpp-vlm")
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def vlm(request, work) -> Built:
+def vlm(request, work: Path) -> Built:
     name = request.param
     src = build(name, work / name)
     out = work / f"gguf-{name}"
@@ -189,7 +190,7 @@ def vlm(request, work) -> Built:
     return Built(name, CASES[name], out, model, transformers.AutoProcessor.from_pretrained(src))
 
 
-def test_image_embeddings_match_transformers(vlm, work):
+def test_image_embeddings_match_transformers(vlm: Built, work: Path):
     size = vlm.case.rainbow_size
     ref = hf_image_features(vlm.model, **vlm.case.raw(vlm.model, rainbow(size)))
     emb = llama_embeddings(BUILD, vlm.out, size, work / f"emb-{vlm.name}.bin")
@@ -201,7 +202,7 @@ def test_image_embeddings_match_transformers(vlm, work):
     assert diff <= vlm.case.embed_tol
 
 
-def _check_text_chunks(vlm: Built, chunks) -> None:
+def _check_text_chunks(vlm: Built, chunks: Chunks) -> None:
     """The text before and after the image is the HF tokenizer's, around the family's image delimiters."""
     tok = vlm.processor.tokenizer
     pre, post = vlm.case.prompt.split("<__media__>")
@@ -219,7 +220,7 @@ def _swapped_sections_logits(model, ids: torch.Tensor, inputs: Inputs) -> np.nda
         return model(input_ids=ids, position_ids=pos[[0, 2, 1]], **inputs).logits[0, -1].numpy()
 
 
-def test_logits_and_greedy_tokens_match_transformers(vlm, work):
+def test_logits_and_greedy_tokens_match_transformers(vlm: Built, work: Path):
     size, case, model = vlm.case.probe_size, vlm.case, vlm.model
     pixels = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
     rgb = work / f"image-{vlm.name}.rgb"
@@ -235,7 +236,7 @@ def test_logits_and_greedy_tokens_match_transformers(vlm, work):
     inputs = dict(image, **({case.token_types: (ids == image_id).long()} if case.token_types else {}))
     with torch.no_grad():
         ref = model(input_ids=ids, **inputs).logits[0, -1].numpy()
-        ref_greedy = model.generate(input_ids=ids, **inputs, max_new_tokens=len(greedy),
+        ref_greedy = model.generate(input_ids=ids, **inputs, max_new_tokens=N_GREEDY,
                                     do_sample=False)[0, ids.shape[1]:].tolist()
     logits = np.fromfile(logits_file, dtype=np.float32)
     diff = float(np.abs(logits - ref).max())
@@ -243,11 +244,11 @@ def test_logits_and_greedy_tokens_match_transformers(vlm, work):
           f"prompt tokens, {n_image} image tokens); greedy {greedy} vs transformers {ref_greedy}")
     assert diff <= case.logit_tol
     assert greedy == ref_greedy
-    if case.token_types == "mm_token_type_ids":
+    if case.mrope:
         swapped = float(np.abs(logits - _swapped_sections_logits(model, ids, inputs)).max())
         print(f"{vlm.name}: with height and width M-RoPE sections swapped, transformers is {swapped:.3g} away")
         assert swapped > 10 * diff
 
 
-def test_llama_mtmd_cli_runs_the_pair(vlm, work):
+def test_llama_mtmd_cli_runs_the_pair(vlm: Built, work: Path):
     mtmd_cli(BUILD, vlm.out, work / f"image-{vlm.name}.png")
