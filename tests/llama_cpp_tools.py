@@ -22,6 +22,9 @@ VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
 RUNTIMES = Path(os.environ.get("CLAWCONVERT_RUNTIMES", Path.home() / ".cache/clawconvert-runtimes"))
 ROOT = RUNTIMES / f"llama.cpp-{VERSION}"
 N_GREEDY = 8
+# on CPUs with AMX, llama.cpp 0.3.36's AMX q8_0 matmul crashes (ggml-org/llama.cpp#20824): q8_0 runs turn
+# weight repacking off there, as llama.cpp's own tools do with -nr / LLAMA_ARG_REPACK=0
+AMX = "amx_int8" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else False
 Chunks = list[tuple[str, list[int]]]
 
 
@@ -66,12 +69,14 @@ def hf_image_features(model, **inputs: torch.Tensor) -> np.ndarray:
     return out.reshape(-1, out.shape[-1]).numpy()
 
 
-def probe(build: str, out: Path, rgb: Path, size: int, prompt: str, logits: Path) -> tuple[Chunks, list[int]]:
-    """Run the probe on a square RGB file; return its chunks ("text", ids) / ("image", [n_tokens]) and greedy ids."""
-    r = subprocess.run([tool(build, "clawconvert-llama-probe"), str(out / "model-f32.gguf"),
-                        str(out / "mmproj-f32.gguf"), str(rgb), str(size), str(size), prompt, str(N_GREEDY),
-                        str(logits)],
-                       capture_output=True, text=True, timeout=120)
+def probe(build: str, out: Path, rgb: Path, size: int, prompt: str, logits: Path,
+          outtype: str = "f32") -> tuple[Chunks, list[int]]:
+    """Run the probe on the ``outtype`` pair and a square RGB file; return its chunks ("text", ids) /
+    ("image", [n_tokens]) and greedy ids.  q8_0 runs with weight repacking off on AMX CPUs (see AMX)."""
+    env = {**os.environ, "LLAMA_ARG_REPACK": "0"} if AMX and outtype == "q8_0" else None
+    r = subprocess.run([tool(build, "clawconvert-llama-probe"), str(out / f"model-{outtype}.gguf"),
+                        str(out / f"mmproj-{outtype}.gguf"), str(rgb), str(size), str(size), prompt, str(N_GREEDY),
+                        str(logits)], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     chunks, greedy = [], []
     for line in r.stdout.splitlines():

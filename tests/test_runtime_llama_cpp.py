@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,16 +29,13 @@ pytestmark = pytest.mark.skipif(os.environ.get("CLAWCONVERT_SLOW") != "1", reaso
 
 transformers = pytest.importorskip("transformers")
 import runtime_models as rm  # noqa: E402
-from llama_cpp_tools import (N_GREEDY, VERSION, cosine, hf_image_features, llama_embeddings, mtmd_cli,  # noqa: E402
-                             probe, prompt_ids, rainbow, tool)
+from llama_cpp_tools import (AMX, N_GREEDY, VERSION, cosine, hf_image_features, llama_embeddings,  # noqa: E402
+                             mtmd_cli, probe, prompt_ids, rainbow, tool)
 
 import clawconvert  # noqa: E402
 
 EMBED_TOL = 1e-3          # image embeddings, f32 GGUF (llama.cpp's GELU is the tanh form; HF's projector uses erf)
 LOGIT_TOL = 5e-3          # first-token logits after 16 image tokens and a prompt
-# on CPUs with AMX, llama.cpp 0.3.36's AMX q8_0 matmul crashes (ggml-org/llama.cpp#20824): the q8_0 run turns
-# weight repacking off there, as llama.cpp's own tools do with -nr / LLAMA_ARG_REPACK=0
-AMX = "amx_int8" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else False
 PROMPTS = {"llama": "USER: <__media__>\ndescribe the image\nASSISTANT:",            # the built-in templates' forms
            "qwen2": "<|im_start|>user\n<__media__>describe the image<|im_end|>\n<|im_start|>assistant\n"}
 
@@ -159,26 +155,15 @@ def test_f16_and_q8_0_files_run(outtype, tol, work, base):
     pixels = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8)
     rgb = work / f"image-{outtype}.rgb"
     pixels.tofile(rgb)
-    r = subprocess.run([tool("cls-fix", "clawconvert-llama-probe"), str(out / f"model-{outtype}.gguf"),
-                        str(out / f"mmproj-{outtype}.gguf"), str(rgb), "32", "32", PROMPTS["llama"], str(N_GREEDY),
-                        str(work / f"logits-{outtype}.bin")], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "LLAMA_ARG_REPACK": "0"} if AMX else None)
-    assert r.returncode == 0, r.stderr[-2000:]
-    ids, greedy = [], []
-    for line in r.stdout.splitlines():
-        kind, *rest = line.split()
-        values = [int(x) for x in rest]
-        if kind == "greedy":
-            greedy = values
-        else:
-            ids += values if kind == "text" else [model.config.image_token_index] * values[0]
+    chunks, greedy = probe("cls-fix", out, rgb, 32, PROMPTS["llama"], work / f"logits-{outtype}.bin", outtype)
+    ids = torch.tensor([prompt_ids(chunks, model.config.image_token_index)])
     pixel_values = processor.image_processor(images=Image.fromarray(pixels), return_tensors="pt").pixel_values
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids]), pixel_values=pixel_values).logits[0, -1].numpy()
-        ref_greedy = model.generate(input_ids=torch.tensor([ids]), pixel_values=pixel_values, max_new_tokens=N_GREEDY,
-                                    do_sample=False)[0, len(ids):].tolist()
+        ref = model(input_ids=ids, pixel_values=pixel_values).logits[0, -1].numpy()
+        ref_greedy = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=N_GREEDY,
+                                    do_sample=False)[0, ids.shape[1]:].tolist()
     diff = float(np.abs(np.fromfile(work / f"logits-{outtype}.bin", dtype=np.float32) - ref).max())
-    print(f"clip-llama LLaVA {outtype}, llama.cpp {VERSION} cls-fix{' (AMX CPU: repacking off)' if AMX else ''}: "
-          f"first-token logits max |diff| {diff:.3g} "
+    repack = " (AMX CPU: repacking off)" if AMX and outtype == "q8_0" else ""
+    print(f"clip-llama LLaVA {outtype}, llama.cpp {VERSION} cls-fix{repack}: first-token logits max |diff| {diff:.3g} "
           f"(max |logit| {np.abs(ref).max():.3g}); greedy {greedy} vs transformers {ref_greedy}")
     assert diff <= tol and greedy == ref_greedy

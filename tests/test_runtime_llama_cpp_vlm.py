@@ -170,6 +170,7 @@ def build(name: str, path: Path) -> Path:
 class Built:
     name: str
     case: Case
+    src: Path
     out: Path
     model: Any
     processor: Any
@@ -187,7 +188,7 @@ def vlm(request, work: Path) -> Built:
     out = work / f"gguf-{name}"
     clawconvert.export(src, out, to="gguf", outtype="f32")
     model = transformers.AutoModelForImageTextToText.from_pretrained(src).eval()
-    return Built(name, CASES[name], out, model, transformers.AutoProcessor.from_pretrained(src))
+    return Built(name, CASES[name], src, out, model, transformers.AutoProcessor.from_pretrained(src))
 
 
 def test_image_embeddings_match_transformers(vlm: Built, work: Path):
@@ -220,34 +221,69 @@ def _swapped_sections_logits(model, ids: torch.Tensor, inputs: Inputs) -> np.nda
         return model(input_ids=ids, position_ids=pos[[0, 2, 1]], **inputs).logits[0, -1].numpy()
 
 
-def test_logits_and_greedy_tokens_match_transformers(vlm: Built, work: Path):
-    size, case, model = vlm.case.probe_size, vlm.case, vlm.model
+@dataclass
+class Compared:
+    chunks: Chunks
+    ids: torch.Tensor            # the probe's prompt, image chunks as image tokens
+    image: Inputs                # transformers' pixel inputs
+    inputs: Inputs               # and with the image-token mask, its forward's
+    logits: np.ndarray           # llama.cpp's first-token logits
+    ref: np.ndarray              # transformers'
+    greedy: list[int]
+    ref_greedy: list[int]
+
+    @property
+    def diff(self) -> float:
+        return float(np.abs(self.logits - self.ref).max())
+
+
+def compare(vlm: Built, out: Path, work: Path, outtype: str = "f32") -> Compared:
+    """The probe on the ``outtype`` pair and a random image; transformers on the probe's ids and the same image."""
+    size, case = vlm.case.probe_size, vlm.case
     pixels = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
     rgb = work / f"image-{vlm.name}.rgb"
     pixels.tofile(rgb)
-    logits_file = work / f"logits-{vlm.name}.bin"
-    chunks, greedy = probe(BUILD, vlm.out, rgb, size, case.prompt, logits_file)
-    _check_text_chunks(vlm, chunks)
+    logits_file = work / f"logits-{vlm.name}-{outtype}.bin"
+    chunks, greedy = probe(BUILD, out, rgb, size, case.prompt, logits_file, outtype)
     image = case.processed(vlm.processor, Image.fromarray(pixels))
-    n_image = sum(values[0] for what, values in chunks if what == "image")
-    assert n_image == hf_image_features(model, **image).shape[0]
     image_id = vlm.processor.tokenizer.convert_tokens_to_ids(case.image_token)
     ids = torch.tensor([prompt_ids(chunks, image_id)])
     inputs = dict(image, **({case.token_types: (ids == image_id).long()} if case.token_types else {}))
     with torch.no_grad():
-        ref = model(input_ids=ids, **inputs).logits[0, -1].numpy()
-        ref_greedy = model.generate(input_ids=ids, **inputs, max_new_tokens=N_GREEDY,
-                                    do_sample=False)[0, ids.shape[1]:].tolist()
-    logits = np.fromfile(logits_file, dtype=np.float32)
-    diff = float(np.abs(logits - ref).max())
-    print(f"{vlm.name}, llama.cpp {VERSION} {BUILD}: first-token logits max |diff| {diff:.3g} ({ids.shape[1]} "
-          f"prompt tokens, {n_image} image tokens); greedy {greedy} vs transformers {ref_greedy}")
-    assert diff <= case.logit_tol
-    assert greedy == ref_greedy
-    if case.mrope:
-        swapped = float(np.abs(logits - _swapped_sections_logits(model, ids, inputs)).max())
+        ref = vlm.model(input_ids=ids, **inputs).logits[0, -1].numpy()
+        ref_greedy = vlm.model.generate(input_ids=ids, **inputs, max_new_tokens=N_GREEDY,
+                                        do_sample=False)[0, ids.shape[1]:].tolist()
+    return Compared(chunks, ids, image, inputs, np.fromfile(logits_file, dtype=np.float32), ref, greedy, ref_greedy)
+
+
+def test_logits_and_greedy_tokens_match_transformers(vlm: Built, work: Path):
+    c = compare(vlm, vlm.out, work)
+    _check_text_chunks(vlm, c.chunks)
+    n_image = sum(values[0] for what, values in c.chunks if what == "image")
+    assert n_image == hf_image_features(vlm.model, **c.image).shape[0]
+    print(f"{vlm.name}, llama.cpp {VERSION} {BUILD}: first-token logits max |diff| {c.diff:.3g} ({c.ids.shape[1]} "
+          f"prompt tokens, {n_image} image tokens); greedy {c.greedy} vs transformers {c.ref_greedy}")
+    assert c.diff <= vlm.case.logit_tol
+    assert c.greedy == c.ref_greedy
+    if vlm.case.mrope:
+        swapped = float(np.abs(c.logits - _swapped_sections_logits(vlm.model, c.ids, c.inputs)).max())
         print(f"{vlm.name}: with height and width M-RoPE sections swapped, transformers is {swapped:.3g} away")
-        assert swapped > 10 * diff
+        assert swapped > 10 * c.diff
+
+
+@pytest.mark.parametrize("outtype, tol", [("f16", 1e-2), ("q8_0", 1e-1)])
+def test_f16_and_q8_0_files_run(vlm: Built, outtype: str, tol: float, work: Path):
+    """The smaller types, with each projector's f32 / f16 tensors as the converter forces them: first-token
+    logits within the type's rounding (|logits| ~ 2.5 here).  Greedy tokens are compared for f16 only: q8_0's
+    5e-2 flips a near-tie of the Qwen2-VL model."""
+    out = work / f"gguf-{vlm.name}-{outtype}"
+    clawconvert.export(vlm.src, out, to="gguf", outtype=outtype)
+    c = compare(vlm, out, work, outtype)
+    print(f"{vlm.name} {outtype}, llama.cpp {VERSION} {BUILD}: first-token logits max |diff| {c.diff:.3g} "
+          f"(max |logit| {np.abs(c.ref).max():.3g}); greedy {c.greedy} vs transformers {c.ref_greedy}")
+    assert c.diff <= tol
+    if outtype == "f16":
+        assert c.greedy == c.ref_greedy
 
 
 def test_llama_mtmd_cli_runs_the_pair(vlm: Built, work: Path):
