@@ -15,6 +15,7 @@ of tools/build_llama_cpp.sh (its CLS-order fix concerns LLaVA graphs only):
   (Idefics3: 2x2 tiles of 28 cut from a 56-pixel image, and the overview llama.cpp resizes with its
   copy of Pillow's Lanczos, resized here by Pillow).  The text around the image is checked against
   the HF tokenizer;
+* f16 and q8_0 files: logits within the type's rounding (greedy tokens for f16);
 * ``llama-mtmd-cli --jinja`` runs each pair end to end.
 
 Changes to the vllm_vlm_models builds, each because llama.cpp needs it or the test would prove less:
