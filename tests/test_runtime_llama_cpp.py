@@ -9,7 +9,7 @@ $CLAWCONVERT_RUNTIMES, default ~/.cache/clawconvert-runtimes):
 * ``clawconvert-llama-probe`` (tools/llama_probe.cpp, llama.cpp's own libraries) tokenizes a
   prompt with one image as llama-mtmd-cli does, prints the token ids, the first-token logits
   and greedy tokens; transformers runs the same ids and pixels;
-* ``llama-mtmd-cli --jinja`` runs the pair end to end.
+* ``llama-mtmd-cli`` runs the pair end to end, with and without ``--jinja``.
 
 Which build: stock llama.cpp puts CLIP's class token after the patches in its LLaVA graph
 (ggml-org/llama.cpp#25814), so CLIP LLaVAs are wrong on the stock build (asserted below: if
@@ -206,19 +206,21 @@ def test_plain_language_model_matches_transformers(work, base):
 
 
 def test_llama_mtmd_cli_runs_the_pair(llava, work):
-    """The user-facing command: runs with --jinja (the built-in template is not one llama.cpp recognises)."""
+    """The user-facing command, with the chat template matched to a llama.cpp built-in and with --jinja."""
     from PIL import Image
     kind, lm, src, out = llava
     image = work / f"image-{kind}-{lm}.png"
     Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype(np.uint8)).save(image)
-    r = subprocess.run([tool("cls-fix", "llama-mtmd-cli"), "-m", str(out / "model-f32.gguf"), "--mmproj",
-                        str(out / "mmproj-f32.gguf"), "--image", str(image), "-p", "describe the image", "-n", "4",
-                        "--temp", "0", "--jinja"], capture_output=True, encoding="utf-8", errors="replace",
-                       stdin=subprocess.DEVNULL, timeout=120)
-    # exit 0 is the check (a refused chat template, a file it cannot load or a crash exit non-zero); not the
-    # printed text: llama.cpp's logger is a worker thread it never joins, so what it prints last can be lost at
-    # exit (common/log.cpp, ggml-org/llama.cpp#22142; seen here under load). Tokens and embeddings: the tests above
-    assert r.returncode == 0, r.stderr[-2000:]
+    for jinja in ([], ["--jinja"]):
+        r = subprocess.run([tool("cls-fix", "llama-mtmd-cli"), "-m", str(out / "model-f32.gguf"), "--mmproj",
+                            str(out / "mmproj-f32.gguf"), "--image", str(image), "-p", "describe the image",
+                            "-n", "4", "--temp", "0", *jinja], capture_output=True, encoding="utf-8",
+                           errors="replace", stdin=subprocess.DEVNULL, timeout=120)
+        # exit 0 is the check (an unsupported chat template, a file it cannot load or a crash exit non-zero);
+        # not the printed text: llama.cpp's logger is a worker thread it never joins, so its last lines can be
+        # lost at exit (common/log.cpp, ggml-org/llama.cpp#22142; seen here under load). Tokens and
+        # embeddings: the tests above
+        assert r.returncode == 0, (jinja, r.stderr[-2000:])
 
 
 @pytest.mark.parametrize("outtype, tol", [("f16", 1e-2), ("q8_0", 1e-1)])
