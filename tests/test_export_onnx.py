@@ -185,3 +185,44 @@ def test_siglip_text_tower_from_full_model(work):
     diff = float(np.abs(_run(out / "model.onnx", "input_ids", ids)["pooler_output"] - ref).max())
     print(f"SigLIP text tower ONNX fp32 vs transformers SiglipModel.get_text_features: max |diff| {diff:.3g}")
     assert diff <= FP32_TOL
+
+
+def test_dinov2_torch_hub_file_matches_timm(work):
+    """A facebookresearch torch-hub file (registers): extracted first; the reference is timm reading the file its own
+    way (checkpoint_filter_fn) and running forward_features, whose tokens are HF's last_hidden_state."""
+    import dinov2_synth as synth
+    src = synth.original_file("S-reg4", work / "dinov2.pth", seed=3)
+    out = work / "dinov2-onnx"
+    result = clawconvert.export(src, out, to="onnx", quantize="int8", src_format="original")
+    assert result.source == "Dinov2WithRegistersModel"
+    ref_model = synth.timm_from_original("S-reg4", torch.load(src, weights_only=True))
+    x = torch.randn(3, 3, synth.IMAGE, synth.IMAGE, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        tokens = ref_model.forward_features(x)
+    ref = {"last_hidden_state": tokens.numpy(), "pooler_output": tokens[:, 0].numpy()}
+    got = _run(out / "model.onnx", "pixel_values", x)
+    assert list(got) == ["last_hidden_state", "pooler_output"]
+    for k, v in ref.items():
+        diff = float(np.abs(got[k] - v).max())
+        print(f"DINOv2 S-reg4 (torch-hub file) ONNX fp32 vs timm forward_features: {k} max |diff| {diff:.3g}")
+        assert diff <= FP32_TOL, k
+    _check_int8(out / "model_quantized.onnx", "pixel_values", x, ref, "pooler_output")
+
+
+def test_dinov3_directory_matches_transformers(work):
+    torch.manual_seed(4)
+    cfg = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=16, num_register_tokens=4)
+    path = work / "dinov3"
+    transformers.DINOv3ViTModel(cfg).eval().save_pretrained(path)
+    out = work / "dinov3-onnx"
+    clawconvert.export(path, out, to="onnx")
+    model = transformers.DINOv3ViTModel.from_pretrained(path).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        o = model(pixel_values=x)
+    got = _run(out / "model.onnx", "pixel_values", x)
+    for k in ("last_hidden_state", "pooler_output"):
+        diff = float(np.abs(got[k] - getattr(o, k).numpy()).max())
+        print(f"DINOv3 ONNX fp32 vs transformers DINOv3ViTModel: {k} max |diff| {diff:.3g}")
+        assert diff <= FP32_TOL, k

@@ -9,7 +9,7 @@ $CLAWCONVERT_RUNTIMES, default ~/.cache/clawconvert-runtimes):
 * ``clawconvert-llama-probe`` (tools/llama_probe.cpp, llama.cpp's own libraries) tokenizes a
   prompt with one image as llama-mtmd-cli does, prints the token ids, the first-token logits
   and greedy tokens; transformers runs the same ids and pixels;
-* ``llama-mtmd-cli --jinja`` runs the pair end to end.
+* ``llama-mtmd-cli`` runs the pair end to end, with and without ``--jinja``.
 
 Which build: stock llama.cpp puts CLIP's class token after the patches in its LLaVA graph
 (ggml-org/llama.cpp#25814), so CLIP LLaVAs are wrong on the stock build (asserted below: if
@@ -138,7 +138,7 @@ def test_plain_language_model_matches_transformers(work, base):
 
 
 def test_llama_mtmd_cli_runs_the_pair(llava, work):
-    """The user-facing command runs (with --jinja: the built-in template is not one llama.cpp recognises)."""
+    """The user-facing command, with the chat template matched to a llama.cpp built-in and with --jinja."""
     kind, lm, src, out = llava
     mtmd_cli("cls-fix", out, work / f"image-{kind}-{lm}.png")
 

@@ -16,7 +16,7 @@ of tools/build_llama_cpp.sh (its CLS-order fix concerns LLaVA graphs only):
   copy of Pillow's Lanczos, resized here by Pillow).  The text around the image is checked against
   the HF tokenizer;
 * f16 and q8_0 files: logits within the type's rounding (greedy tokens for f16);
-* ``llama-mtmd-cli --jinja`` runs each pair end to end.
+* ``llama-mtmd-cli`` runs each pair end to end, with and without ``--jinja``.
 
 Changes to the vllm_vlm_models builds, each because llama.cpp needs it or the test would prove less:
 * Gemma 3's ``mm_input_projection_weight`` is randomised (transformers initialises it to zeros, and

@@ -12,16 +12,18 @@ from .common import add_source_options
 
 ORDER = 45
 
-HELP = "export for a runtime: a CLIP/SigLIP tower to ONNX, an HF causal LM or LLaVA to GGUF (llama.cpp)"
+HELP = "export for a runtime: a CLIP/SigLIP/DINO tower to ONNX, an HF causal LM or LLaVA to GGUF (llama.cpp)"
 DESCRIPTION = """\
 Write SRC in a deployment format to the directory DST.  Every output is checked with the
 target's own runtime or reader before it is put in place; nothing is written on failure.
 
---to onnx   one CLIP / SigLIP tower for onnxruntime, optimum and transformers.js.
-            SRC is an HF tower directory (CLIPVisionModel[WithProjection], SiglipVisionModel,
-            CLIPTextModel[WithProjection], SiglipTextModel), or a full model in any format
-            extract-visual reads (HF CLIPModel / SiglipModel, OpenCLIP, big_vision), whose
-            --tower (default: visual) is extracted first, with its projection.
+--to onnx   one CLIP / SigLIP / DINOv2 / DINOv3 tower for onnxruntime, optimum and
+            transformers.js.  SRC is an HF tower directory (CLIPVisionModel[WithProjection],
+            SiglipVisionModel, CLIPTextModel[WithProjection], SiglipTextModel,
+            Dinov2[WithRegisters]Model, DINOv3ViTModel), or a model in any format
+            extract-visual reads (HF CLIPModel / SiglipModel, OpenCLIP, big_vision, timm,
+            a torch-hub DINO file), whose --tower (default: visual) is extracted first, with
+            its projection.
               DST/model.onnx             input pixel_values (or input_ids), dynamic batch axis
                                          (text: dynamic sequence axis too); outputs
                                          last_hidden_state, pooler_output, then image_embeds /

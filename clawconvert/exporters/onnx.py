@@ -1,8 +1,9 @@
-"""``export --to onnx``: one CLIP / SigLIP tower as an ONNX model, checked with onnxruntime.
+"""``export --to onnx``: one CLIP / SigLIP / DINOv2 / DINOv3 tower as an ONNX model, checked with onnxruntime.
 
 The tower is an HF tower directory (``CLIPVisionModel[WithProjection]``, ``SiglipVisionModel``,
-``CLIPTextModel[WithProjection]``, ``SiglipTextModel``) read in place, or the tower of any
-source ``extract-visual`` / ``extract-text`` reads (a full HF model, OpenCLIP, big_vision),
+``CLIPTextModel[WithProjection]``, ``SiglipTextModel``, ``Dinov2[WithRegisters]Model``,
+``DINOv3ViTModel``) read in place, or the tower of any source ``extract-visual`` /
+``extract-text`` reads (a full HF model, OpenCLIP, big_vision, timm, a torch-hub DINO file),
 extracted into the output's temporary directory first.
 
 Output (the layout optimum and transformers.js load)::
@@ -121,6 +122,10 @@ def lone_tower(path: Path) -> tuple[Any, str, type] | None:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     architectures = (config.get("architectures") or []) if isinstance(config, dict) else []
     for family in all_families().values():
+        if family.whole_model_tower and model_type in family.hf_model_types:   # DINOv2 (with registers), DINOv3
+            import transformers
+            arch = family.hf_architecture(family.config_from_dict(config))
+            return family, family.whole_model_tower, getattr(transformers, arch)
         for tower in family.towers:
             plain = family.tower_model_class(tower, False)
             if getattr(plain.config_class, "model_type", None) != model_type:
