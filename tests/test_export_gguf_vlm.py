@@ -336,10 +336,14 @@ def test_refusals_write_nothing(work, cli):
         depth=5, fullatt_block_indexes=[1, 4]))
     r = cli("export", bad, work / "never", "--to", "gguf")
     assert_one_line_error(r, "fullatt_block_indexes [1, 4] are not evenly spaced")
-    for edit, said in [({"hidden_act": "gelu"}, "vision.hidden_act is 'gelu', not 'gelu_pytorch_tanh'"),
-                       ({"num_position_embeddings": 48}, "num_position_embeddings 48 is not a square"),
-                       ({"deepstack_visual_indexes": [2]}, "vision layers [2] are not distinct layers of the tower's 2")]:
-        bad = _edited(work, "qwen3_vl", f"qwen3_vl-{next(iter(edit))}", lambda c, e=edit: c["vision_config"].update(e))
+    for part, edit, said in [
+            ("vision", {"hidden_act": "gelu"}, "vision.hidden_act is 'gelu', not 'gelu_pytorch_tanh'"),
+            ("vision", {"num_position_embeddings": 48}, "num_position_embeddings 48 is not a square"),
+            ("vision", {"deepstack_visual_indexes": [2]}, "vision layers [2] are not distinct layers of the tower's"),
+            ("text", {"num_hidden_layers": 1},      # the one deepstack merger would feed the last layer
+             "deepstack_visual_indexes lists 1, num_hidden_layers is 1: llama.cpp's qwen3vl graph aborts")]:
+        bad = _edited(work, "qwen3_vl", f"qwen3_vl-{next(iter(edit))}",
+                      lambda c, p=part, e=edit: c[f"{p}_config"].update(e))
         r = cli("export", bad, work / "never", "--to", "gguf")
         assert_one_line_error(r, said)
     assert not (work / "never").exists()

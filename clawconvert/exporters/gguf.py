@@ -346,8 +346,9 @@ class LanguageModelPlan:
         info = archs["architectures"][model_type]
         if "refuse" in info:
             raise ClawError(f"{directory}: {info['refuse']}")
+        source = {**text, "vlm": vlm or {}}
         for check in info.get("checks", []):
-            _check_config(directory, archs["checks"][check], text, f"text_config ({model_type})")
+            _check_config(directory, archs["checks"][check], source, f"text_config ({model_type})")
         rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
         rope = rope.get("full_attention", rope)            # Gemma 3: per-attention-kind parameters
         if (rope.get("rope_type") or rope.get("type") or "default") != "default":
@@ -365,7 +366,6 @@ class LanguageModelPlan:
         specs = dict(archs["hyperparameters"])
         for name in info.get("sets", []):
             specs.update(archs["hyperparameter_sets"][name])
-        source = {**text, "vlm": vlm or {}}
         self.metadata: dict[str, tuple[str, Any]] = {}
         for key, spec in specs.items():
             value = _hyperparameter(spec, source)
@@ -415,6 +415,10 @@ def _check_config(directory: Path, check: dict, config: dict, where: str) -> Non
         ok, said = left == right, f"{a} is {left!r}, not {right!r}"
     elif "absent" in check:
         ok, said = get(check["absent"]) is None, f"{check['absent']} is {get(check['absent'])!r}"
+    elif "fewer" in check:
+        a, b = check["fewer"]
+        n, limit = len(get(a) or []), int(get(b))
+        ok, said = n < limit, f"{a} lists {n}, {b} is {limit}"
     elif "swa_pattern" in check:
         n, types = int(check["swa_pattern"]), get("layer_types")
         want = ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
