@@ -318,10 +318,10 @@ def test_llama_mtmd_cli_runs_the_pair(vlm: Built, work: Path):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "llama.cpp 0.3.36's interleaved M-RoPE (GGML_ROPE_TYPE_IMROPE, ggml-cpu rope_cache_init) turns a rotary pair "
+    "llama.cpp 0.3.36's interleaved M-RoPE (GGML_ROPE_TYPE_IMROPE, ggml-cpu ggml_mrope_cache_init) turns a rotary pair "
     "no section covers (k % 3 == 0 and k >= 3 * t, 1 and >= 3 * h, 2 and >= 3 * w) by the 4th position, which "
     "llama.cpp sets to 0 for every token; transformers turns it by the temporal position. mrope_section [4, 6, 6] "
-    "leaves pairs 12 and 15 of 16 to it (the Hub's [24, 20, 20]: pairs 61 and 62 of 64, too slow to matter)"))
+    "leaves pairs 12 and 15 of 16 to it (the Hub's [24, 20, 20]: pairs 61 and 62 of 64, about 4e-7 rad a position)"))
 def test_qwen3_vl_rope_pairs_no_section_covers(work: Path):
     """vlm_models' mrope_section [4, 6, 6]: llama.cpp is 0.31 from transformers; transformers with those two
     pairs turned by 0 is 4.8e-3 from llama.cpp (by hand), so the export is right and the runtime differs."""
