@@ -9,9 +9,11 @@ Schema (validated on load; every problem is reported with the table's name and e
     format: openclip               # the format this table describes
     family: clip                   # the family whose canonical keys it targets
     placeholders:                  # named placeholders usable in keys
-      vlayer: {range: vision_layers}   # 0 .. params["vision_layers"] - 1
+      vlayer: {range: vision_layers}   # 0 .. params["vision_layers"] - 1 (a list param: its positions)
       p: [weight, bias]                # a fixed list of values
       t: {value: text_prefix}          # one string from the family's params
+      ds: {range: deepstack_layers}    # positions in a list param ...
+      dslayer: {item: deepstack_layers, at: ds}   # ... and its element there, in the same rule
     identity: false                # true: format keys ARE the canonical keys (HF tables)
     tensors:                       # canonical key: format key  |  {from, op, optional}
       logit_scale: logit_scale
@@ -93,15 +95,19 @@ class Table:
                 raise ClawError(f"{self.name}: identity table needs the canonical key list")
             rules = [Rule((k,), (k,), Chain([]), False, f"{self.name}: identity") for k in canonical_keys]
             return ExpandedTable(self, rules, self._drop_patterns(params))
-        values = {}
+        values: dict[str, list] = {}
+        items: dict[str, tuple[list, str]] = {}
         for name, spec in self.placeholders.items():
-            values[name] = _placeholder_values(self.name, name, spec, params)
+            if isinstance(spec, dict) and set(spec) == {"item", "at"}:
+                items[name] = (_item_values(self.name, name, spec, params, self.placeholders), spec["at"])
+            else:
+                values[name] = _placeholder_values(self.name, name, spec, params)
         rules: list[Rule] = []
         for key, entry in self.tensors.items():
             for variant in entry if isinstance(entry, list) else [entry]:
                 if isinstance(variant, dict) and "when" in variant and not _holds(self.name, key, variant["when"], params):
                     continue
-                rules.extend(self._expand_entry(key, variant, values, params))
+                rules.extend(self._expand_entry(key, variant, values, items, params))
         for key, entry in self.derived.items():
             if "when" in entry and not _holds(self.name, key, entry["when"], params):
                 continue
@@ -120,15 +126,20 @@ class Table:
             out.append(re.compile(rx + "$"))
         return out
 
-    def _expand_entry(self, key: str, entry: Any, values: dict[str, list], params: dict) -> list[Rule]:
+    def _expand_entry(self, key: str, entry: Any, values: dict[str, list], items: dict[str, tuple[list, str]],
+                      params: dict) -> list[Rule]:
+        """One rule per combination of the entry's placeholders; an ``item`` placeholder follows its ``at``."""
         if isinstance(entry, str):
             entry = {"from": entry}
         sources = entry["from"] if isinstance(entry["from"], list) else [entry["from"]]
-        used = sorted(set(_PLACEHOLDER.findall(key)) | {n for s in sources for n in _PLACEHOLDER.findall(s)})
+        named = set(_PLACEHOLDER.findall(key)) | {n for s in sources for n in _PLACEHOLDER.findall(s)}
+        dependent = sorted(named & set(items))
+        used = sorted((named - set(items)) | {items[n][1] for n in dependent})
         combos = itertools.product(*(values[n] for n in used))
         rules = []
         for combo in combos:
             env = dict(zip(used, combo))
+            env.update({n: items[n][0][env[items[n][1]]] for n in dependent})
             fill = lambda s: _PLACEHOLDER.sub(lambda m: str(env[m.group(1)]), s)  # noqa: E731
             canonical = tuple(_alternatives(fill(key)))
             fmt = tuple(fill(s) for s in sources)
@@ -166,6 +177,8 @@ def _placeholder_values(table: str, name: str, spec: Any, params: dict) -> list:
         return spec
     if isinstance(spec, dict) and set(spec) == {"range"}:
         n = params.get(spec["range"])
+        if isinstance(n, list):
+            n = len(n)
         if not isinstance(n, int):
             raise ClawError(f"{table}: placeholder '{name}' ranges over unknown count '{spec['range']}'")
         return list(range(n))
@@ -173,7 +186,19 @@ def _placeholder_values(table: str, name: str, spec: Any, params: dict) -> list:
         if spec["value"] not in params:
             raise ClawError(f"{table}: placeholder '{name}' takes unknown value '{spec['value']}'")
         return [params[spec["value"]]]
-    raise ClawError(f"{table}: placeholder '{name}': write a list, {{range: COUNT}} or {{value: NAME}}")
+    raise ClawError(f"{table}: placeholder '{name}': write a list, {{range: COUNT}}, {{value: NAME}} "
+                    f"or {{item: LIST, at: PLACEHOLDER}}")
+
+
+def _item_values(table: str, name: str, spec: dict, params: dict, placeholders: dict) -> list:
+    """The list param an ``{item: LIST, at: PLACEHOLDER}`` placeholder indexes; ``at`` ranges over its positions."""
+    values, at = params.get(spec["item"]), placeholders.get(spec["at"])
+    if not isinstance(values, list):
+        raise ClawError(f"{table}: placeholder '{name}' takes items of unknown list '{spec['item']}'")
+    if at != {"range": spec["item"]}:
+        raise ClawError(f"{table}: placeholder '{name}': 'at: {spec['at']}' must be declared "
+                        f"{{range: {spec['item']}}}")
+    return values
 
 
 @dataclass

@@ -61,11 +61,19 @@ def llama_embeddings(build: str, out: Path, size: int, dump: Path) -> np.ndarray
 
 
 def hf_image_features(model, **inputs: torch.Tensor) -> np.ndarray:
-    """``model.get_image_features(**inputs)`` as one (tokens, width) array, whatever container it comes in."""
+    """``model.get_image_features(**inputs)`` as one (tokens, width) array, whatever container it comes in.
+
+    Qwen3-VL's deepstack features (one per deepstack merger, in vision-layer order) go beside the merger's
+    along the width, as clip.cpp's qwen3vl graph concatenates them and its embedding dump holds them."""
     with torch.no_grad():
         out = model.get_image_features(**inputs)
-    out = getattr(out, "pooler_output", out)
-    out = torch.cat([t.reshape(-1, t.shape[-1]) for t in out]) if isinstance(out, (list, tuple)) else out
+    parts = [getattr(out, "pooler_output", out)] + list(getattr(out, "deepstack_features", None) or [])
+    return np.concatenate([_rows(p) for p in parts], axis=-1)
+
+
+def _rows(features) -> np.ndarray:
+    """One (tokens, width) array from a tensor or a per-image list of them."""
+    out = torch.cat([t.reshape(-1, t.shape[-1]) for t in features]) if isinstance(features, (list, tuple)) else features
     return out.reshape(-1, out.shape[-1]).numpy()
 
 

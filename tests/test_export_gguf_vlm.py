@@ -6,12 +6,13 @@ with gguf's GGUFReader.  Every language-model tensor must carry the name gguf-py
 TensorNameMap gives the HF tensor for the architecture llama.cpp's converter picks, with the
 source's values after the converter's documented changes (written out here: the llama q/k
 permute, Gemma's norm weight + 1); every mmproj tensor the name and values llama.cpp's
-converter (conversion/qwenvl.py Qwen2VLVisionModel, gemma.py Gemma3VisionModel, smolvlm.py
-SmolVLMModel) gives it (the qkv and Conv3D cuts re-written here); metadata against the
-transformers config.  The sources are read with ``safetensors`` directly.  Qwen3-VL,
-LLaVA-NeXT and LLaVA-OneVision get no mmproj (the Qwen3-VL and OneVision notes are checked).
-That llama.cpp runs such files and matches transformers is tests/test_runtime_llama_cpp_vlm.py
-(CLAWCONVERT_SLOW=1: runtime-sized Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3 and SmolVLM).
+converter (conversion/qwenvl.py Qwen2VLVisionModel, qwen3vl.py Qwen3VLVisionModel, gemma.py
+Gemma3VisionModel, smolvlm.py SmolVLMModel) gives it (the qkv and Conv3D cuts, the Qwen3-VL
+merger and deepstack names re-written here); metadata against the transformers config.  The
+sources are read with ``safetensors`` directly.  LLaVA-NeXT and LLaVA-OneVision get no mmproj
+(the OneVision note is checked).  That llama.cpp runs such files and matches transformers is
+tests/test_runtime_llama_cpp_vlm.py (CLAWCONVERT_SLOW=1: runtime-sized Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, Gemma 3, Idefics3 and SmolVLM).
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ LM = {
     "llava_next": (A.LLAMA, {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."}, True, False),
     "llava_onevision": (A.QWEN2, {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."}, False, False),
 }
-MMPROJ = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger", "gemma3": "gemma3",
-          "idefics3": "idefics3", "smolvlm": "idefics3"}
+MMPROJ = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger", "qwen3_vl": "qwen3vl_merger",
+          "gemma3": "gemma3", "idefics3": "idefics3", "smolvlm": "idefics3"}
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
@@ -67,14 +68,19 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("gguf-vlm")
 
 
+# forward-only vision fields, not the weights: llama.cpp's window is 112 pixels; Qwen3-VL's one deepstack
+# merger reads vision layer 1, so that its GGUF name (the layer) differs from its place in the list (0)
+VISION_EDITS = {"qwen2_5_vl": {"window_size": 112}, "qwen3_vl": {"deepstack_visual_indexes": [1]}}
+
+
 def source(work, name):
     path = work / name
     if not path.exists():
         vm.build(vm.CASES[name], path)
         add_tokenizer_and_preprocessor(path)
-        if name == "qwen2_5_vl":       # llama.cpp's window is 112 pixels; the forward-only field, not the weights
+        if name in VISION_EDITS:
             cfg = json.loads((path / "config.json").read_text())
-            cfg["vision_config"]["window_size"] = 112
+            cfg["vision_config"].update(VISION_EDITS[name])
             (path / "config.json").write_text(json.dumps(cfg))
     return path
 
@@ -163,9 +169,40 @@ def test_language_model(name, work):
     assert _field(reader, "tokenizer.ggml.tokens")[:sp.vocab_size()] == [sp.IdToPiece(i) for i in range(sp.vocab_size())]
 
 
+def _qwen3_vl_expected(weights: dict, config) -> dict:
+    """conversion/qwen3vl.py Qwen3VLVisionModel.modify_tensors: the deepstack mergers under the vision layer
+    they read, the merger's linear_fc1 / fc2 as mm.0 / mm.2 and its norm as v.post_ln, the Conv3D cut into
+    its two frames with its bias beside, the rest (qkv fused) through gguf-py's TensorNameMap."""
+    vc = config.vision_config
+    names = gguf.get_tensor_name_map(A.MMPROJ, vc.depth)
+    T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    deepstack = {"norm": T.V_DS_NORM, "linear_fc1": T.V_DS_FC1, "linear_fc2": T.V_DS_FC2}
+    merger = {"norm": N[T.V_POST_NORM], "linear_fc1": N[T.V_MMPROJ].format(bid=0),
+              "linear_fc2": N[T.V_MMPROJ].format(bid=2)}
+    out = {}
+    for key, value in weights.items():
+        if not key.startswith("model.visual."):
+            continue
+        value = value.astype(np.float32)
+        base, suffix = key.removeprefix("model.").rsplit(".", 1)
+        parts = base.split(".")
+        if parts[1] == "deepstack_merger_list":
+            layer = vc.deepstack_visual_indexes[int(parts[2])]
+            out[f"{N[deepstack[parts[3]]].format(bid=layer)}.{suffix}"] = value
+        elif parts[1] == "merger":
+            out[f"{merger[parts[2]]}.{suffix}"] = value
+        elif key.endswith("patch_embed.proj.weight"):
+            out["v.patch_embd.weight"], out["v.patch_embd.weight.1"] = value[:, :, 0], value[:, :, 1]
+        else:
+            out[f"{names.get_name(base)}.{suffix}"] = value
+    return out
+
+
 def _mmproj_expected(name: str, weights: dict, config) -> dict:
     """convert_hf_to_gguf.py's names and values for the vision tower and connector, re-written here."""
     vc = config.vision_config
+    if name == "qwen3_vl":
+        return _qwen3_vl_expected(weights, config)
     if name in ("qwen2_vl", "qwen2_5_vl"):
         names = gguf.get_tensor_name_map(A.MMPROJ, max(vc.depth, 3))     # merger.mlp.2 is bid 2
         out = {}
@@ -214,7 +251,9 @@ def test_mmproj(name, outtype, work):
         assert tensors["v.position_embd.weight"].tensor_type == Q.F32
     if outtype == "f16":
         assert tensors["v.patch_embd.weight"].tensor_type == (Q.F16 if qwen else Q.F32)
-        assert tensors["v.blk.0.attn_q.weight"].tensor_type == Q.F16
+        if qwen:
+            assert tensors["v.patch_embd.weight.1"].tensor_type == Q.F16
+        assert tensors["v.blk.0.attn_out.weight"].tensor_type == Q.F16
         if name == "gemma3":
             assert tensors["mm.input_projection.weight"].tensor_type == Q.F16
     assert _field(reader, "general.architecture") == "clip"
@@ -227,7 +266,6 @@ def test_mmproj(name, outtype, work):
     if qwen:
         assert _field(reader, "clip.vision.block_count") == vc.depth
         assert _field(reader, "clip.vision.attention.head_count") == vc.num_heads
-        assert _field(reader, "clip.vision.image_size") == 560                  # the converter's default
         assert _field(reader, "clip.vision.attention.layer_norm_epsilon") == pytest.approx(1e-6)
     else:
         assert _field(reader, "clip.vision.block_count") == vc.num_hidden_layers
@@ -235,6 +273,8 @@ def test_mmproj(name, outtype, work):
         assert _field(reader, "clip.vision.image_size") == vc.image_size
         assert _field(reader, "clip.vision.attention.layer_norm_epsilon") == pytest.approx(vc.layer_norm_eps)
         assert _field(reader, "clip.use_gelu") is True
+    if name in ("qwen2_vl", "qwen2_5_vl"):
+        assert _field(reader, "clip.vision.image_size") == 560                  # the converter's default
     if name == "qwen2_vl":
         assert _field(reader, "clip.vision.embedding_length") == vc.embed_dim
         assert _field(reader, "clip.vision.feed_forward_length") == vc.hidden_size      # as the converter writes it
@@ -243,6 +283,14 @@ def test_mmproj(name, outtype, work):
         assert _field(reader, "clip.vision.feed_forward_length") == vc.intermediate_size
         assert _field(reader, "clip.vision.n_wa_pattern") == vc.fullatt_block_indexes[0] + 1
         assert _field(reader, "clip.use_silu") is True
+    if name == "qwen3_vl":     # the learned position grid's side, in pixels; one flag per vision layer
+        assert _field(reader, "clip.vision.image_size") == int(vc.num_position_embeddings ** 0.5) * vc.patch_size
+        assert _field(reader, "clip.vision.embedding_length") == vc.hidden_size
+        assert _field(reader, "clip.vision.feed_forward_length") == vc.intermediate_size
+        assert _field(reader, "clip.vision.spatial_merge_size") == vc.spatial_merge_size
+        assert _field(reader, "clip.vision.is_deepstack_layers") == [i in vc.deepstack_visual_indexes
+                                                                     for i in range(vc.depth)] == [False, True]
+        assert _field(reader, "clip.use_gelu") is True
     if name == "gemma3":     # 4 patches a side, 2 tokens a side: pooled by 2 (clip.cpp's default is 4)
         side = vc.image_size // vc.patch_size
         assert _field(reader, "clip.vision.projector.scale_factor") == side // int(config.mm_tokens_per_image ** 0.5)
@@ -255,8 +303,6 @@ def test_no_mmproj_says_why(work):
     result = clawconvert.export(source(work, "llava_onevision"), work / "ov-gguf", to="gguf")
     assert result.files == ["model-f16.gguf"]
     assert any("no mmproj: llama.cpp's mtmd has no LLaVA-OneVision projector" in n for n in result.notes)
-    result = clawconvert.export(source(work, "qwen3_vl"), work / "q3-gguf", to="gguf")
-    assert result.files == ["model-f16.gguf"] and any("Qwen3-VL mmproj" in n for n in result.notes)
 
 
 def _edited(work, name, new, edit):
@@ -290,4 +336,14 @@ def test_refusals_write_nothing(work, cli):
         depth=5, fullatt_block_indexes=[1, 4]))
     r = cli("export", bad, work / "never", "--to", "gguf")
     assert_one_line_error(r, "fullatt_block_indexes [1, 4] are not evenly spaced")
+    for part, edit, said in [
+            ("vision", {"hidden_act": "gelu"}, "vision.hidden_act is 'gelu', not 'gelu_pytorch_tanh'"),
+            ("vision", {"num_position_embeddings": 48}, "num_position_embeddings 48 is not a square"),
+            ("vision", {"deepstack_visual_indexes": [2]}, "vision layers [2] are not distinct layers of the tower's"),
+            ("text", {"num_hidden_layers": 1},      # the one deepstack merger would feed the last layer
+             "deepstack_visual_indexes lists 1, num_hidden_layers is 1: llama.cpp's qwen3vl graph aborts")]:
+        bad = _edited(work, "qwen3_vl", f"qwen3_vl-{next(iter(edit))}",
+                      lambda c, p=part, e=edit: c[f"{p}_config"].update(e))
+        r = cli("export", bad, work / "never", "--to", "gguf")
+        assert_one_line_error(r, said)
     assert not (work / "never").exists()

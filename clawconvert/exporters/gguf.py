@@ -267,7 +267,7 @@ def _qtype(name: str, shape: tuple[int, ...], outtype: str, f32: tuple[str, ...]
         return Q.F32 if outtype == "f32" else Q.F16
     if len(shape) <= 1 or name.endswith("_norm.weight") or name in ("v.position_embd.weight", "v.class_embd"):
         return Q.F32
-    if name == "v.patch_embd.weight":
+    if name in ("v.patch_embd.weight", "v.patch_embd.weight.1"):      # a Conv3D's second frame too
         return Q.F16 if outtype == "f16" else Q.F32
     if outtype == "q8_0" and shape[-1] % 32:
         return Q.F16              # the converter's fallback when rows do not divide into Q8_0 blocks
@@ -346,8 +346,9 @@ class LanguageModelPlan:
         info = archs["architectures"][model_type]
         if "refuse" in info:
             raise ClawError(f"{directory}: {info['refuse']}")
+        source = {**text, "vlm": vlm or {}}
         for check in info.get("checks", []):
-            _check_config(directory, archs["checks"][check], text, f"text_config ({model_type})")
+            _check_config(directory, archs["checks"][check], source, f"text_config ({model_type})")
         rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
         rope = rope.get("full_attention", rope)            # Gemma 3: per-attention-kind parameters
         if (rope.get("rope_type") or rope.get("type") or "default") != "default":
@@ -365,7 +366,6 @@ class LanguageModelPlan:
         specs = dict(archs["hyperparameters"])
         for name in info.get("sets", []):
             specs.update(archs["hyperparameter_sets"][name])
-        source = {**text, "vlm": vlm or {}}
         self.metadata: dict[str, tuple[str, Any]] = {}
         for key, spec in specs.items():
             value = _hyperparameter(spec, source)
@@ -415,6 +415,10 @@ def _check_config(directory: Path, check: dict, config: dict, where: str) -> Non
         ok, said = left == right, f"{a} is {left!r}, not {right!r}"
     elif "absent" in check:
         ok, said = get(check["absent"]) is None, f"{check['absent']} is {get(check['absent'])!r}"
+    elif "fewer" in check:
+        a, b = check["fewer"]
+        n, limit = len(get(a) or []), int(get(b))
+        ok, said = n < limit, f"{a} lists {n}, {b} is {limit}"
     elif "swa_pattern" in check:
         n, types = int(check["swa_pattern"]), get("layer_types")
         want = ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
@@ -516,7 +520,7 @@ class NativeMmprojPlan:
             value = _projector_value(directory, key, spec, sources)
             if value is not None:
                 self.metadata[key] = (spec["type"], value)
-        params = {name: int(_field(vision, field)) for name, field in row["params"].items()}
+        params = {name: _table_param(directory, vision, field) for name, field in row["params"].items()}
         skip = tuple(row.get("skip", []))
         self.tensors, self.tables = _plan_table(store, row["tables"], params, lambda k: not k.startswith(skip),
                                                 outtype, f"{directory} (vision tower and connector)",
@@ -524,6 +528,16 @@ class NativeMmprojPlan:
 
     def required_keys(self) -> list[str]:
         return list(self.metadata) + ["general.architecture", "general.file_type"]
+
+
+def _table_param(directory: Path, vision: dict, field: str) -> int | list[int]:
+    """One ``params:`` entry of a projector row: a vision-config integer, or a list of them."""
+    value = _field(vision, field)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return [int(v) for v in value]
+    if not isinstance(value, int):
+        raise ClawError(f"{directory}: vision_config.{field} is {value!r}, not an integer (the mmproj tables need it)")
+    return value
 
 
 def _projector_value(directory: Path, key: str, spec: dict, sources: dict) -> Any:
@@ -561,7 +575,26 @@ def _merge_factor(directory: Path, image_size: int, patch_size: int, tokens: int
     return None if factor == 4 else factor
 
 
-_COMPUTE = {"wa_pattern": _wa_pattern, "merge_factor": _merge_factor}
+def _grid_image_size(directory: Path, positions: int, patch_size: int) -> int:
+    """clip.vision.image_size (Qwen3VLVisionModel): the side of the learned position grid, in pixels.  clip.cpp
+    takes the grid's side as the square root of the position embedding's rows, as transformers does."""
+    side = math.isqrt(int(positions))
+    if side * side != int(positions):
+        raise ClawError(f"{directory}: vision_config.num_position_embeddings {positions} is not a square: clip.cpp "
+                        f"interpolates the position embedding as a square grid")
+    return side * int(patch_size)
+
+
+def _layer_flags(directory: Path, layers: list, count: int) -> list[bool]:
+    """One flag per vision layer, true at the listed layers (clip.vision.is_deepstack_layers)."""
+    if len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < int(count) for i in layers):
+        raise ClawError(f"{directory}: vision layers {layers} are not distinct layers of the tower's {count}: "
+                        f"clip.cpp names each deepstack merger by the layer it reads")
+    return [i in layers for i in range(int(count))]
+
+
+_COMPUTE = {"wa_pattern": _wa_pattern, "merge_factor": _merge_factor, "grid_image_size": _grid_image_size,
+            "layer_flags": _layer_flags}
 
 
 def _preprocessor(directory: Path) -> dict:
@@ -623,7 +656,8 @@ def _write(path: Path, arch: str, tensors: list[Planned], metadata: dict[str, tu
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, (kind, value) in metadata.items():
         {"u32": writer.add_uint32, "i32": writer.add_int32, "f32": writer.add_float32, "bool": writer.add_bool,
-         "str": writer.add_string, "f32[]": writer.add_array, "i32[]": writer.add_array}[kind](key, value)
+         "str": writer.add_string, "f32[]": writer.add_array, "i32[]": writer.add_array,
+         "bool[]": writer.add_array}[kind](key, value)
     tokenizer = add_to_writer(writer, vocab[0], vocab[1]) if vocab else None
     for t in tensors:
         dtype, shape = _stored(t.shape, t.qtype)
