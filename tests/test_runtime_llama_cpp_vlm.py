@@ -21,6 +21,12 @@ of tools/build_llama_cpp.sh (its CLS-order fix concerns LLaVA graphs only):
 * f16 and q8_0 files: logits within the type's rounding (greedy tokens for f16);
 * ``llama-mtmd-cli`` runs each pair end to end, with and without ``--jinja``.
 
+LLaVA-NeXT (its mmproj as llama.cpp's legacy scripts write it; a CLIP tower, so the CLS-order fix build) is
+checked on its own, below: mtmd cuts the image into the tiles transformers cuts and resizes the overview as
+transformers' Pillow backend does, and those embeddings match; but it lays them out as tiles, then overview, with
+no image_newline, so the logits are compared with transformers' language model on that layout, and the comparison
+with transformers itself is a strict xfail.
+
 Changes to the vllm_vlm_models builds, each because llama.cpp needs it or the test would prove less:
 * Gemma 3's ``mm_input_projection_weight`` is randomised (transformers initialises it to zeros, and
   every image would embed to zeros);

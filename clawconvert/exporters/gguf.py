@@ -15,8 +15,10 @@
   LLaVA-OneVision) becomes ``model-<type>.gguf`` for its language model, with the architecture
   llama.cpp's converter gives it (qwen2vl, qwen3vl, gemma3, llama, qwen2), and, where
   llama.cpp's mtmd has a projector for it, ``mmproj-<type>.gguf``
-  (``mappings/gguf_projectors.yaml``: projector type, tables, metadata, checks).  Which file
-  prefix is which part is the VLM's architecture table's to say (``mappings/architectures/``).
+  (``mappings/gguf_projectors.yaml``: projector type, tables, metadata, checks).  LLaVA-NeXT's
+  row is a ``plan: llava`` one: the LLaVA mmproj above, with the row's tables and metadata on top
+  (``model.image_newline``, grid pinpoints, merge type, as llama.cpp's legacy scripts write them).
+  Which file prefix is which part is the VLM's architecture table's to say (``mappings/architectures/``).
 
 Tensors are planned from the safetensors headers, then read, transformed and written one at
 a time with gguf-py's writer (tensor infos first, then each tensor's data), so memory stays
