@@ -453,8 +453,8 @@ class MmprojPlan:
         sources = {"vision": vc, "text": config["text_config"], "top": config, "pre": _preprocessor(directory)}
         for check in row.get("checks", []):
             _check_config(directory, check, sources, "config.json")
-        extra = {key: (spec["type"], _projector_value(directory, key, spec, sources))
-                 for key, spec in row.get("metadata", {}).items()}
+        extra = {key: (spec["type"], value) for key, spec in row.get("metadata", {}).items()
+                 if (value := _projector_value(directory, key, spec, sources)) is not None}
         family = VISION_FAMILIES.get(vc.get("model_type"))
         if family is None:
             raise ClawError(f"{directory}: vision tower '{vc.get('model_type')}' has no llama.cpp LLaVA graph "
@@ -510,7 +510,7 @@ class MmprojPlan:
             "clip.vision.feature_layer": ("i32[]", [feature]),
             "clip.vision.image_mean": ("f32[]", [float(x) for x in mean]),
             "clip.vision.image_std": ("f32[]", [float(x) for x in std]),
-            **{k: v for k, v in extra.items() if v[1] is not None},
+            **extra,
         }
         if hidden_act not in GELU + ("quick_gelu",):
             raise ClawError(f"{directory}: vision hidden_act '{hidden_act}' has no clip.cpp equivalent")
