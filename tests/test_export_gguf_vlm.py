@@ -385,6 +385,7 @@ def test_llava_next_mmproj(name, outtype, work):
     out = work / f"{name}-gguf-{outtype}"
     result = clawconvert.export(src, out, to="gguf", outtype=outtype)
     assert sorted(result.files) == [f"mmproj-{outtype}.gguf", f"model-{outtype}.gguf"]
+    assert any("lays a LLaVA-NeXT image out as its tiles, then the overview" in n for n in result.notes)
     config = transformers.AutoConfig.from_pretrained(src)
     vc, tc = config.vision_config, config.text_config
     reader = gguf.GGUFReader(str(out / f"mmproj-{outtype}.gguf"))

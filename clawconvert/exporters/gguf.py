@@ -517,6 +517,8 @@ class MmprojPlan:
         if family == "clip":
             notes.append("CLIP tower: stock llama.cpp puts the class token after the patches (ggml-org/llama.cpp#25814) "
                          "and gets every CLIP LLaVA wrong; run a build with the fix (PR #25844)")
+        if "note" in row:
+            notes.append(row["note"])
         if family == "clip" and feature != layers:
             notes.append(f"mmproj holds the tower's first {feature} of {layers} layers (vision_feature_layer "
                          f"{config['vision_feature_layer']})")
