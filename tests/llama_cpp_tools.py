@@ -78,13 +78,15 @@ def _rows(features) -> np.ndarray:
 
 
 def probe(build: str, out: Path, rgb: Path, size: int, prompt: str, logits: Path,
-          outtype: str = "f32") -> tuple[Chunks, list[int]]:
-    """Run the probe on the ``outtype`` pair and a square RGB file; return its chunks ("text", ids) /
-    ("image", [n_tokens]) and greedy ids.  q8_0 runs with weight repacking off on AMX CPUs (see AMX)."""
-    env = {**os.environ, "LLAMA_ARG_REPACK": "0"} if AMX and outtype == "q8_0" else None
+          outtype: str = "f32", height: int | None = None, dump: Path | None = None) -> tuple[Chunks, list[int]]:
+    """Run the probe on the ``outtype`` pair and an RGB file ``size`` wide (and high, unless ``height``); return
+    its chunks ("text", ids) / ("image", [n_tokens]) and greedy ids.  q8_0 runs with weight repacking off on AMX
+    CPUs (see AMX).  ``dump``: clip.cpp writes each encoded image's embeddings there, the last one remains."""
+    env = {**os.environ, **({"LLAMA_ARG_REPACK": "0"} if AMX and outtype == "q8_0" else {}),
+           **({"MTMD_DEBUG_EMBEDDINGS": str(dump)} if dump else {})}
     r = subprocess.run([tool(build, "clawconvert-llama-probe"), str(out / f"model-{outtype}.gguf"),
-                        str(out / f"mmproj-{outtype}.gguf"), str(rgb), str(size), str(size), prompt, str(N_GREEDY),
-                        str(logits)], capture_output=True, text=True, timeout=120, env=env)
+                        str(out / f"mmproj-{outtype}.gguf"), str(rgb), str(size), str(height or size), prompt,
+                        str(N_GREEDY), str(logits)], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     chunks, greedy = [], []
     for line in r.stdout.splitlines():

@@ -253,6 +253,7 @@ def test_architecture_defaults_are_transformers_defaults():
     from clawconvert.exporters.gguf import _architectures
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "llava": transformers.LlavaConfig,
+               "llava_next": transformers.LlavaNextConfig,
                "gemma3_text": transformers.Gemma3TextConfig, "qwen2_vl_text": transformers.Qwen2VLTextConfig,
                "qwen2_5_vl_text": transformers.Qwen2_5_VLTextConfig, "qwen3_vl_text": transformers.Qwen3VLTextConfig,
                "qwen3_vl_moe_text": transformers.Qwen3VLMoeTextConfig}

@@ -9,15 +9,20 @@ permute, Gemma's norm weight + 1); every mmproj tensor the name and values llama
 converter (conversion/qwenvl.py Qwen2VLVisionModel, qwen3vl.py Qwen3VLVisionModel, gemma.py
 Gemma3VisionModel, smolvlm.py SmolVLMModel) gives it (the qkv and Conv3D cuts, the Qwen3-VL
 merger and deepstack names re-written here); metadata against the transformers config.  The
-sources are read with ``safetensors`` directly.  LLaVA-NeXT and LLaVA-OneVision get no mmproj
-(the OneVision note is checked).  That llama.cpp runs such files and matches transformers is
-tests/test_runtime_llama_cpp_vlm.py (CLAWCONVERT_SLOW=1: runtime-sized Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, Gemma 3, Idefics3 and SmolVLM).
+sources are read with ``safetensors`` directly.  LLaVA-NeXT's mmproj (CLIP and SigLIP towers) is
+checked against the source as llama.cpp's legacy scripts (llava_surgery_v2.py,
+convert_image_encoder_to_gguf.py) write it, re-written here, with the export's documented
+departures from them spelled out.  LLaVA-OneVision gets no mmproj (the note is checked).  That
+llama.cpp runs such files and matches transformers is tests/test_runtime_llama_cpp_vlm.py
+(CLAWCONVERT_SLOW=1: runtime-sized Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, Idefics3, SmolVLM and
+LLaVA-NeXT).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -122,7 +127,8 @@ def test_language_model(name, work):
     out = work / f"{name}-gguf"
     result = clawconvert.export(src, out, to="gguf", outtype="f32")
     assert tree_hash(src) == before
-    assert sorted(result.files) == sorted(["model-f32.gguf"] + (["mmproj-f32.gguf"] if name in MMPROJ else []))
+    with_mmproj = name in MMPROJ or name == "llava_next"          # LLaVA-NeXT's: test_llava_next_mmproj
+    assert sorted(result.files) == sorted(["model-f32.gguf"] + (["mmproj-f32.gguf"] if with_mmproj else []))
     arch, prefixes, permute, gemma = LM[name]
     config = transformers.AutoConfig.from_pretrained(src)
     tc = config.text_config
@@ -299,6 +305,123 @@ def test_mmproj(name, outtype, work):
         assert _field(reader, "clip.vision.preproc_image_size") == vc.image_size
 
 
+# LLaVA-NeXT with a SigLIP tower (pooling head kept in the weights, patch rows all kept: "full") and a grid of
+# several pinpoints, beside vlm_models' CLIP case (one pinpoint)
+LLAVA_NEXT = {
+    "llava_next": vm.CASES["llava_next"],
+    "llava_next_siglip": dataclasses.replace(vm.CASES["llava_next"], config=lambda: transformers.LlavaNextConfig(
+        text_config=dict(vm.TEXT, model_type="mistral", sliding_window=None),
+        vision_config=dict(vm.SIGLIP, model_type="siglip_vision_model"), image_token_index=vm.IMAGE,
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]])),
+}
+
+
+def _legacy_name(name: str) -> str:
+    """convert_image_encoder_to_gguf.py get_tensor_name, for the names a LLaVA-NeXT mmproj holds."""
+    if name == "image_newline":
+        return "model.image_newline"
+    if name.startswith("multi_modal_projector"):
+        return name.replace("multi_modal_projector", "mm").replace("linear_1", "0").replace("linear_2", "2")
+    for old, new in [("vision_model", "v"), ("encoder.layers", "blk"), ("embeddings.", ""), ("_proj", ""),
+                     ("self_attn.", "attn_"), ("layer_norm", "ln"), ("layernorm", "ln"), ("mlp.fc1", "ffn_down"),
+                     ("mlp.fc2", "ffn_up"), ("embedding", "embd"), ("final", "post"), ("layrnorm", "ln")]:
+        name = name.replace(old, new)
+    return name
+
+
+def _legacy_mmproj(weights: dict, config, outtype: str) -> dict:
+    """What llava_surgery_v2.py + convert_image_encoder_to_gguf.py --clip-model-is-vision --llava-projector write:
+    {name: (numpy value, GGML type)}.  The surgery keeps ``vision_model.*`` and the projector (with image_newline);
+    the converter writes the tower's state dict without post_layernorm and the layers past the feature layer,
+    4-D tensors f16, and, in f16 files, 2-D ``.weight``s f16 (the projector's 2-D tensors f16 in any file)."""
+    vc = config.vision_config
+    layers = vc.num_hidden_layers
+    feature = config.vision_feature_layer % (layers + 1)
+    out = {}
+    for key, value in weights.items():
+        if key.startswith("vision_tower."):
+            name = "vision_model." + key.removeprefix("vision_tower.").removeprefix("vision_model.")
+            m = re.match(r"vision_model\.encoder\.layers\.(\d+)\.", name)
+            if name.startswith("vision_model.post_layernorm.") or (m and int(m.group(1)) >= feature):
+                continue
+            half = value.ndim == 4 or (outtype == "f16" and name.endswith(".weight") and value.ndim == 2)
+        elif key.startswith("multi_modal_projector.") or key == "image_newline":
+            name, half = key, value.ndim == 2
+        else:
+            continue
+        out[_legacy_name(name)] = (value.astype(np.float32), Q.F16 if half else Q.F32)
+    return out
+
+
+def _as_exported(legacy: dict, outtype: str) -> dict:
+    """The export's departures from the legacy scripts (docs/deploy.md), applied to their output: gguf-py's
+    ffn_up / ffn_down for fc1 / fc2 (the script swaps them; clip.cpp's is_ffn_swapped reads either), the
+    SigLIP pooling head left out (clip.cpp never reads it), and convert_hf_to_gguf.py's types: the position
+    embedding f32, the patch embedding f32 in f32 files, every 2-D matrix --outtype."""
+    swap = {"ffn_down": "ffn_up", "ffn_up": "ffn_down"}
+    out = {}
+    for name, (value, qtype) in legacy.items():
+        if name.startswith("v.head."):
+            continue
+        name = re.sub(r"\.(ffn_down|ffn_up)\.", lambda m: f".{swap[m.group(1)]}.", name)
+        if name == "v.position_embd.weight":
+            qtype = Q.F32
+        elif value.ndim >= 2:
+            qtype = Q.F16 if outtype == "f16" else Q.F32
+        out[name] = (value, qtype)
+    return out
+
+
+@pytest.mark.parametrize("name", list(LLAVA_NEXT))
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_llava_next_mmproj(name, outtype, work):
+    """The tower, mm.0 / mm.2 and model.image_newline as the legacy scripts write them (names, shapes, types,
+    values), the clip.* metadata against the transformers config."""
+    src = work / name
+    if not src.exists():
+        vm.build(LLAVA_NEXT[name], src)
+        add_tokenizer_and_preprocessor(src)
+    out = work / f"{name}-gguf-{outtype}"
+    result = clawconvert.export(src, out, to="gguf", outtype=outtype)
+    assert sorted(result.files) == [f"mmproj-{outtype}.gguf", f"model-{outtype}.gguf"]
+    assert any("lays a LLaVA-NeXT image out as its tiles, then the overview" in n for n in result.notes)
+    config = transformers.AutoConfig.from_pretrained(src)
+    vc, tc = config.vision_config, config.text_config
+    reader = gguf.GGUFReader(str(out / f"mmproj-{outtype}.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    weights = load_file(src / "model.safetensors")
+    legacy = _legacy_mmproj(weights, config, outtype)
+    assert "model.image_newline" in legacy and any(k.startswith("v.head.") for k in legacy) == (name != "llava_next")
+    expected = _as_exported(legacy, outtype)
+    assert set(tensors) == set(expected), sorted(set(tensors) ^ set(expected))
+    for key, (want, qtype) in expected.items():
+        got = _values(tensors[key])
+        assert got.shape == want.shape and tensors[key].tensor_type == qtype, key
+        tol = 0 if qtype == Q.F32 else 2e-3 * max(1.0, float(np.abs(want).max()))
+        assert np.abs(got - want).max() <= tol, key
+    newline = tensors["model.image_newline"]
+    assert newline.tensor_type == Q.F32 and _values(newline).tolist() == weights["image_newline"].tolist()
+    feature = config.vision_feature_layer % (vc.num_hidden_layers + 1)
+    assert _field(reader, "general.architecture") == "clip"
+    assert _field(reader, "clip.projector_type") == "mlp"
+    assert _field(reader, "clip.has_vision_encoder") is True and _field(reader, "clip.has_llava_projector") is True
+    assert _field(reader, "clip.vision.image_grid_pinpoints") == [v for p in config.image_grid_pinpoints for v in p]
+    assert _field(reader, "clip.vision.mm_patch_merge_type") == "spatial_unpad"
+    assert _field(reader, "clip.vision.feature_layer") == [feature]
+    assert _field(reader, "clip.vision.block_count") == feature
+    assert _field(reader, "clip.vision.image_size") == vc.image_size
+    assert _field(reader, "clip.vision.patch_size") == vc.patch_size
+    assert _field(reader, "clip.vision.embedding_length") == vc.hidden_size
+    assert _field(reader, "clip.vision.feed_forward_length") == vc.intermediate_size
+    assert _field(reader, "clip.vision.attention.head_count") == vc.num_attention_heads
+    assert _field(reader, "clip.vision.attention.layer_norm_epsilon") == pytest.approx(vc.layer_norm_eps)
+    assert _field(reader, "clip.vision.projection_dim") == tc.hidden_size
+    assert _field(reader, "clip.vision.image_mean") == pytest.approx(MEAN)
+    assert _field(reader, "clip.vision.image_std") == pytest.approx(STD)
+    assert _field(reader, "clip.use_gelu") is (vc.hidden_act != "quick_gelu")
+
+
 def test_no_mmproj_says_why(work):
     result = clawconvert.export(source(work, "llava_onevision"), work / "ov-gguf", to="gguf")
     assert result.files == ["model-f16.gguf"]
@@ -336,6 +459,12 @@ def test_refusals_write_nothing(work, cli):
         depth=5, fullatt_block_indexes=[1, 4]))
     r = cli("export", bad, work / "never", "--to", "gguf")
     assert_one_line_error(r, "fullatt_block_indexes [1, 4] are not evenly spaced")
+    for pinpoints, said in [([[28, 42]], "clip.cpp cuts the image into 28-pixel tiles, and every side must be"),
+                            ([[28, 28], [28, 56]], "lack the transpose of a pair: clip.cpp reads each pair as (width")]:
+        bad = _edited(work, "llava_next", f"llava_next-{len(pinpoints)}",
+                      lambda c, p=pinpoints: c.update(image_grid_pinpoints=p))
+        r = cli("export", bad, work / "never", "--to", "gguf")
+        assert_one_line_error(r, said)
     for part, edit, said in [
             ("vision", {"hidden_act": "gelu"}, "vision.hidden_act is 'gelu', not 'gelu_pytorch_tanh'"),
             ("vision", {"num_position_embeddings": 48}, "num_position_embeddings 48 is not a square"),

@@ -47,8 +47,11 @@ target's own runtime or reader before it is put in place; nothing is written on 
                                          clip.cpp reads: LLaVA (projector mlp, feature layer,
                                          image mean / std, patch and image size, activation),
                                          Qwen2-VL, Qwen2.5-VL, Qwen3-VL (deepstack mergers
-                                         too), Gemma 3, Idefics3 / SmolVLM.  LLaVA-NeXT and
-                                         OneVision get the language model only, with a note
+                                         too), Gemma 3, Idefics3 / SmolVLM, LLaVA-NeXT (as
+                                         llama.cpp's legacy scripts write it: LLaVA's, plus
+                                         grid pinpoints, spatial_unpad, model.image_newline;
+                                         mtmd tiles the image but lays it out its own way).
+                                         OneVision gets the language model only, with a note
                                          saying why; Qwen3-VL MoE is refused.
             --outtype f32, f16 (default), bf16 or q8_0 (8-bit blocks of 32 for 2-D weights whose
             rows divide by 32; norms, biases and embeddings of positions stay f32, as llama.cpp's

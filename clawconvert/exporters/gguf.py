@@ -15,8 +15,10 @@
   LLaVA-OneVision) becomes ``model-<type>.gguf`` for its language model, with the architecture
   llama.cpp's converter gives it (qwen2vl, qwen3vl, gemma3, llama, qwen2), and, where
   llama.cpp's mtmd has a projector for it, ``mmproj-<type>.gguf``
-  (``mappings/gguf_projectors.yaml``: projector type, tables, metadata, checks).  Which file
-  prefix is which part is the VLM's architecture table's to say (``mappings/architectures/``).
+  (``mappings/gguf_projectors.yaml``: projector type, tables, metadata, checks).  LLaVA-NeXT's
+  row is a ``plan: llava`` one: the LLaVA mmproj above, with the row's tables and metadata on top
+  (``model.image_newline``, grid pinpoints, merge type, as llama.cpp's legacy scripts write them).
+  Which file prefix is which part is the VLM's architecture table's to say (``mappings/architectures/``).
 
 Tensors are planned from the safetensors headers, then read, transformed and written one at
 a time with gguf-py's writer (tensor infos first, then each tensor's data), so memory stays
@@ -96,7 +98,13 @@ def export(src: str | Path, dst: str | Path, *, outtype: str = "f16", overwrite:
             stack.callback(lm_store.close)
             text = _text_config(arch, config)
             mm = None
-            if row is not None:
+            if row is not None and row.get("plan") == "llava":
+                vision_store = vlm_part_store(src_path, arch, {"vision": ""})
+                projector_store = vlm_part_store(src_path, arch, {"connector": row["connector_prefix"]})
+                for s in (vision_store, projector_store):
+                    stack.callback(s.close)
+                mm = MmprojPlan(src_path, config, vision_store, projector_store, outtype, notes, row)
+            elif row is not None:
                 mm_store = vlm_part_store(src_path, arch, {"vision": "", "connector": row["connector_prefix"]})
                 stack.callback(mm_store.close)
                 mm = NativeMmprojPlan(src_path, config, text, row, mm_store, outtype)
@@ -147,10 +155,11 @@ def _full_config(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ClawError(f"{path / 'config.json'}: not a JSON object")
     defaults = _architectures()["defaults"]
+    model_type = raw.get("model_type")
 
     def text(config: dict) -> dict:
         return {**defaults.get(config.get("model_type"), {}), **config}
-    if raw.get("model_type") != "llava":
+    if model_type != "llava" and _projectors()["projectors"].get(model_type, {}).get("plan") != "llava":
         return text(raw)
     vision = dict(raw.get("vision_config") or {})
     vision.setdefault("model_type", "clip_vision_model")
@@ -159,7 +168,7 @@ def _full_config(path: Path) -> dict:
             vision = from_dict(vision["model_type"], vision).to_dict()
         except ValueError as e:
             raise ClawError(f"{path / 'config.json'}: vision_config: {e}") from e
-    return {**defaults["llava"], **raw, "vision_config": vision,
+    return {**defaults["llava"], **defaults.get(model_type, {}), **raw, "vision_config": vision,
             "text_config": text({"model_type": "llama", **(raw.get("text_config") or {})})}
 
 
@@ -431,13 +440,21 @@ def _check_config(directory: Path, check: dict, config: dict, where: str) -> Non
 
 
 class MmprojPlan:
-    """The vision tower and projector of an HF LLaVA, as clip.cpp's LLaVA graph reads them."""
+    """The vision tower and projector of an HF LLaVA, as clip.cpp's LLaVA graph reads them; ``row``: a
+    ``plan: llava`` row of ``mappings/gguf_projectors.yaml`` (LLaVA-NeXT), whose tables, checks and
+    metadata come on top."""
 
     kind = "mlp"
 
     def __init__(self, directory: Path, config: dict, vision: TensorStore, projector: TensorStore, outtype: str,
-                 notes: list[str]):
+                 notes: list[str], row: dict | None = None):
         vc = config["vision_config"]
+        row = row or {}
+        sources = {"vision": vc, "text": config["text_config"], "top": config, "pre": _preprocessor(directory)}
+        for check in row.get("checks", []):
+            _check_config(directory, check, sources, "config.json")
+        extra = {key: (spec["type"], value) for key, spec in row.get("metadata", {}).items()
+                 if (value := _projector_value(directory, key, spec, sources)) is not None}
         family = VISION_FAMILIES.get(vc.get("model_type"))
         if family is None:
             raise ClawError(f"{directory}: vision tower '{vc.get('model_type')}' has no llama.cpp LLaVA graph "
@@ -468,9 +485,10 @@ class MmprojPlan:
             return True
         self.tensors, vtable = _plan_table(vision, family, {"vision_layers": feature}, keep, outtype,
                                            f"{directory} (vision tower)")
-        ptensors, ptable = _plan_table(projector, "llava", {}, lambda k: True, outtype, f"{directory} (projector)")
+        ptensors, ptables = _plan_table(projector, ["llava", *row.get("tables", [])], {}, lambda k: True, outtype,
+                                        f"{directory} (projector)")
         self.tensors += ptensors
-        self.tables = [vtable, ptable]
+        self.tables = [vtable, *ptables]
         if not any(t.name == "mm.0.bias" for t in ptensors):
             raise ClawError(f"{directory}: the projector has no biases; llama.cpp's mlp projector needs them")
         mean, std = _normalization(directory, family, notes)
@@ -492,12 +510,15 @@ class MmprojPlan:
             "clip.vision.feature_layer": ("i32[]", [feature]),
             "clip.vision.image_mean": ("f32[]", [float(x) for x in mean]),
             "clip.vision.image_std": ("f32[]", [float(x) for x in std]),
+            **extra,
         }
         if hidden_act not in GELU + ("quick_gelu",):
             raise ClawError(f"{directory}: vision hidden_act '{hidden_act}' has no clip.cpp equivalent")
         if family == "clip":
             notes.append("CLIP tower: stock llama.cpp puts the class token after the patches (ggml-org/llama.cpp#25814) "
                          "and gets every CLIP LLaVA wrong; run a build with the fix (PR #25844)")
+        if "note" in row:
+            notes.append(row["note"])
         if family == "clip" and feature != layers:
             notes.append(f"mmproj holds the tower's first {feature} of {layers} layers (vision_feature_layer "
                          f"{config['vision_feature_layer']})")
@@ -593,8 +614,23 @@ def _layer_flags(directory: Path, layers: list, count: int) -> list[bool]:
     return [i in layers for i in range(int(count))]
 
 
+def _pinpoints(directory: Path, pinpoints: list, image_size: int) -> list[int]:
+    """clip.vision.image_grid_pinpoints (convert_image_encoder_to_gguf.py): the pairs flattened as they stand.
+    clip.cpp cuts the chosen resolution into image_size tiles, and reads each pair as (width, height) where
+    HF reads [height, width], so every side must be a multiple of the image size and the set must hold
+    each pair's transpose (as the published ones do) for both to choose the same grid."""
+    pairs = [tuple(int(v) for v in p) for p in pinpoints]
+    if any(len(p) != 2 or min(p) < 1 or any(v % int(image_size) for v in p) for p in pairs):
+        raise ClawError(f"{directory}: image_grid_pinpoints {pinpoints}: clip.cpp cuts the image into "
+                        f"{image_size}-pixel tiles, and every side must be a multiple of {image_size}")
+    if set(pairs) != {(w, h) for h, w in pairs}:
+        raise ClawError(f"{directory}: image_grid_pinpoints {pinpoints} lack the transpose of a pair: clip.cpp "
+                        f"reads each pair as (width, height), transformers as [height, width]")
+    return [v for p in pairs for v in p]
+
+
 _COMPUTE = {"wa_pattern": _wa_pattern, "merge_factor": _merge_factor, "grid_image_size": _grid_image_size,
-            "layer_flags": _layer_flags}
+            "layer_flags": _layer_flags, "pinpoints": _pinpoints}
 
 
 def _preprocessor(directory: Path) -> dict:
