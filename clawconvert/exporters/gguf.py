@@ -450,11 +450,7 @@ class MmprojPlan:
                  notes: list[str], row: dict | None = None):
         vc = config["vision_config"]
         row = row or {}
-        sources = {"vision": vc, "text": config["text_config"], "top": config, "pre": _preprocessor(directory)}
-        for check in row.get("checks", []):
-            _check_config(directory, check, sources, "config.json")
-        extra = {key: (spec["type"], value) for key, spec in row.get("metadata", {}).items()
-                 if (value := _projector_value(directory, key, spec, sources)) is not None}
+        extra = _row_metadata(directory, row, config, config["text_config"]) if row else {}
         family = VISION_FAMILIES.get(vc.get("model_type"))
         if family is None:
             raise ClawError(f"{directory}: vision tower '{vc.get('model_type')}' has no llama.cpp LLaVA graph "
@@ -532,15 +528,8 @@ class NativeMmprojPlan:
 
     def __init__(self, directory: Path, config: dict, text: dict, row: dict, store: TensorStore, outtype: str):
         vision = dict(config.get("vision_config") or {})
-        sources = {"vision": vision, "text": text, "top": config, "pre": _preprocessor(directory)}
-        for check in row.get("checks", []):
-            _check_config(directory, check, sources, "config.json")
         self.kind = row["metadata"]["clip.projector_type"]["value"]
-        self.metadata: dict[str, tuple[str, Any]] = {}
-        for key, spec in row["metadata"].items():     # the config first: its refusals name the reason
-            value = _projector_value(directory, key, spec, sources)
-            if value is not None:
-                self.metadata[key] = (spec["type"], value)
+        self.metadata = _row_metadata(directory, row, config, text)   # the config first: its refusals name the reason
         params = {name: _table_param(directory, vision, field) for name, field in row["params"].items()}
         skip = tuple(row.get("skip", []))
         self.tensors, self.tables = _plan_table(store, row["tables"], params, lambda k: not k.startswith(skip),
@@ -549,6 +538,17 @@ class NativeMmprojPlan:
 
     def required_keys(self) -> list[str]:
         return list(self.metadata) + ["general.architecture", "general.file_type"]
+
+
+def _row_metadata(directory: Path, row: dict, config: dict, text: dict) -> dict[str, tuple[str, Any]]:
+    """A ``mappings/gguf_projectors.yaml`` row's checks (refused with their ``why``), then its metadata
+    entries that are written: ``{GGUF key: (type, value)}``."""
+    sources = {"vision": dict(config.get("vision_config") or {}), "text": text, "top": config,
+               "pre": _preprocessor(directory)}
+    for check in row.get("checks", []):
+        _check_config(directory, check, sources, "config.json")
+    return {key: (spec["type"], value) for key, spec in row.get("metadata", {}).items()
+            if (value := _projector_value(directory, key, spec, sources)) is not None}
 
 
 def _table_param(directory: Path, vision: dict, field: str) -> int | list[int]:
